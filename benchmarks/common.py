@@ -1,0 +1,54 @@
+"""Helpers shared by the benchmark scripts: machine description and result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sempa_train.io import code_version, now_iso, write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count, memory, GPU (if any) and library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_kb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                          if line.startswith("MemTotal")).split()[1])
+        memory = f"{mem_kb / 2**20:.0f} GiB"
+    except (OSError, StopIteration):
+        memory = "unknown"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory": memory,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def save(name: str, result: dict[str, Any]) -> Path:
+    """Write ``results/<name>.json`` with the machine and code version added."""
+    path = RESULTS / f"{name}.json"
+    write_json(path, {"benchmark": name, "created_at": now_iso(), "code_version": code_version(),
+                      "machine": machine(), **result})
+    return path
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)

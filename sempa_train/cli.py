@@ -1,0 +1,196 @@
+"""The ``sempa`` command: one console script, one subcommand per stage.
+
+    sempa run --senteval-dir ../shared/data/senteval          # the whole method on the built-in sample
+    sempa prepare --source nli.jsonl --out outputs/data/snli  # NLI → triples + gold preferences
+    sempa inspect outputs/data/snli/preferences               # polars summary of a dataset
+    sempa train --data outputs/data/snli/preferences --out outputs/models/snli --preset cpu
+    sempa eval --model smollm2-135m-instruct --adapter outputs/models/snli/adapter \\
+        --senteval-dir ../shared/data/senteval --tasks STSBenchmark --split dev --out eval.json
+
+``sempa SUBCOMMAND --help`` lists every option with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sempa_train.config import (
+    EmbedConfig,
+    EvalConfig,
+    PrepareConfig,
+    TrainConfig,
+    add_arguments,
+    config_from_args,
+)
+
+log = logging.getLogger("sempa")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs too")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sempa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="the whole method: prepare, evaluate base, train, evaluate tuned",
+                       description="Run the paper's method end to end on one machine. Defaults: the built-in "
+                       "NLI sample (data/nli_sample.jsonl), SmolLM2-135M-Instruct, the cpu train preset, "
+                       "STS-B dev. Outputs go to --out (default outputs/run-<time>).")
+    p.add_argument("--config", type=Path, help="YAML file with sections prepare/train/eval/embed")
+    p.add_argument("--out", type=Path, help="output folder (default: outputs/run-<UTC time>)")
+    p.add_argument("--source", help="NLI source (overrides the config)")
+    p.add_argument("--model", help="policy model (overrides the config)")
+    p.add_argument("--preset", choices=("cpu", "paper"), help="train preset (overrides the config)")
+    p.add_argument("--max-steps", type=int, help="stop training after N steps")
+    p.add_argument("--senteval-dir", help="SentEval data folder for STS-B dev (default: the Hub, online only)")
+    p.add_argument("--tasks", help="comma-separated STS tasks (default STSBenchmark)")
+    p.add_argument("--split", choices=("dev", "test"), help="STS-B / SICK split (default dev)")
+    _common(p)
+
+    p = sub.add_parser("prepare", help="NLI source → triples and gold preference datasets",
+                       description="Read NLI pairs, group them by premise into (premise, entailment, "
+                       "contradiction) triples, and build the paper's gold preference dataset. Writes "
+                       "OUT/triples and OUT/preferences (Parquet + dataset card + manifest).")
+    p.add_argument("--config", type=Path, help="YAML/JSON file of PrepareConfig fields")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    add_arguments(p, PrepareConfig)
+    _common(p)
+
+    p = sub.add_parser("inspect", help="polars summary of a dataset folder or Parquet file")
+    p.add_argument("path", type=Path)
+    p.add_argument("--rows", type=int, default=5, help="rows to show (default 5)")
+
+    p = sub.add_parser("train", help="DPO + LoRA on a preference dataset (TRL DPOTrainer)",
+                       description="Train a LoRA adapter with DPO. Presets: cpu (default; batch 8, fp32, "
+                       "max_length 128, precomputed reference log-probs) and paper (effective batch 256, bf16, "
+                       "max_length 1024). Flags override the preset and the --config file.")
+    p.add_argument("--data", type=Path, required=True, help="preference dataset folder or Parquet file")
+    p.add_argument("--out", type=Path, required=True, help="output folder (adapter, logs, manifest)")
+    p.add_argument("--preset", default="cpu", choices=("cpu", "paper"), help="base settings (default cpu)")
+    p.add_argument("--config", type=Path, help="YAML/JSON file of TrainConfig fields")
+    add_arguments(p, TrainConfig)
+    _common(p)
+
+    p = sub.add_parser("eval", help="STS evaluation (Spearman x 100 of cosine similarity)",
+                       description="Evaluate sentence embeddings on STS tasks. A sentence-transformers folder "
+                       "uses its own pooling; a causal LM uses PromptEOL (last token of the final layer); "
+                       "--embedding forces one. Writes the results JSON to --out and prints a table.")
+    p.add_argument("--model", required=True, help="built-in name, local folder or Hub id")
+    p.add_argument("--adapter", type=Path, help="LoRA adapter folder to apply to --model")
+    p.add_argument("--out", type=Path, help="results JSON file")
+    add_arguments(p, EvalConfig)
+    add_arguments(p, EmbedConfig)
+    p.add_argument("-v", "--verbose", action="store_true", help="show library logs too")
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for name in ("sempa", "sempa_train"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from sempa_train.prepare import prepare
+
+    base = PrepareConfig.load(args.config) if args.config else None
+    cfg = config_from_args(PrepareConfig, args, base=base)
+    result = prepare(cfg, args.out, overwrite=args.overwrite)
+    print(f"triples:     {result.triples_dir} ({result.counts['triples']:,} rows)")
+    print(f"preferences: {result.preferences_dir}")
+    print("dropped:     " + (", ".join(f"{k}={v:,}" for k, v in result.drops.items()) or "nothing"))
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from sempa_train.summary import describe
+
+    print(describe(args.path, rows=args.rows))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from sempa_train.train import train_dpo
+
+    base = TrainConfig.load(args.config, base=TrainConfig.preset(args.preset)) if args.config \
+        else TrainConfig.preset(args.preset)
+    cfg = config_from_args(TrainConfig, args, base=base)
+    result = train_dpo(cfg, args.data, args.out, overwrite=args.overwrite)
+    print(f"adapter: {result.adapter_dir}")
+    print(f"log:     {result.out_dir / 'train_log.jsonl'}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from sempa_train.evaluation import format_table, run_sts_eval
+
+    cfg = config_from_args(EvalConfig, args)
+    embed = config_from_args(EmbedConfig, args)
+    if cfg.split == "dev" and any(t.startswith("STS1") for t in cfg.tasks):
+        log.warning("STS12-16 have no dev split: they are evaluated on their test data")
+    results = run_sts_eval(args.model, cfg, embed, adapter=args.adapter, out=args.out)
+    print(format_table(results))
+    if args.out:
+        print(f"results: {args.out}")
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from datetime import UTC, datetime
+
+    from sempa_train.workflow import RunConfig, run_method
+
+    cfg = RunConfig.load(args.config) if args.config else RunConfig()
+    if args.preset:
+        cfg = RunConfig(prepare=cfg.prepare, train=TrainConfig.preset(args.preset).replace(model=cfg.train.model),
+                        eval=cfg.eval, embed=cfg.embed)
+    overrides_prepare = {"source": args.source} if args.source else {}
+    overrides_train = {k: v for k, v in {"model": args.model, "max_steps": args.max_steps}.items() if v is not None}
+    overrides_eval = {k: v for k, v in {"senteval_dir": args.senteval_dir, "tasks": args.tasks,
+                                        "split": args.split}.items() if v is not None}
+    cfg = RunConfig(
+        prepare=PrepareConfig.from_dict(overrides_prepare, base=cfg.prepare),
+        train=TrainConfig.from_dict(overrides_train, base=cfg.train),
+        eval=EvalConfig.from_dict(overrides_eval, base=cfg.eval),
+        embed=cfg.embed,
+    )
+    out = args.out or Path("outputs") / f"run-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    summary = run_method(cfg, out, overwrite=args.overwrite)
+    print(summary["table"])
+    print(f"\nfinished in {summary['wall_seconds']:.0f}s; outputs in {out}/")
+    for name, path in summary["outputs"].items():
+        print(f"  {name:<12} {path}")
+    print(f"  {'summary':<12} {out / 'summary.json'}")
+
+
+COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "inspect": _cmd_inspect, "train": _cmd_train, "eval": _cmd_eval}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(getattr(args, "verbose", False))
+    try:
+        COMMANDS[args.command](args)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        print(f"sempa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sempa {args.command}: interrupted; completed outputs are kept, partial ones removed", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""One config dataclass per stage, with defaults, help strings and validation.
+
+Every field has a default and a help string; ``__post_init__`` rejects bad values with a message that
+quotes them. The same classes drive the ``sempa`` command-line flags (``add_arguments``), YAML/JSON
+config files (``load``), the Prefect flow parameters, and the ``config.json`` written beside every
+output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+import yaml
+
+from sempa_train.templates import resolve_template
+
+C = TypeVar("C", bound="StageConfig")
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with a default, a help string and optional choices (read by the CLI)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _check_positive(name: str, value: float | int, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+class StageConfig:
+    """Shared behaviour of the stage configs: dict round trip, files, CLI flags."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()  # type: ignore[call-overload]
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, base: Self | None = None) -> Self:
+        """Build a config from ``values`` on top of ``base`` (defaults when None); unknown keys fail."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
+        hints = typing.get_type_hints(cls)
+        merged = (base or cls()).to_dict()  # type: ignore[call-arg]
+        merged.update({k: _coerce(v, hints[k]) for k, v in values.items()})
+        return cls(**merged)
+
+    @classmethod
+    def load(cls, path: Path, *, base: Self | None = None) -> Self:
+        """Read a YAML or JSON file of field values (a ``preset:`` key picks the base, if supported)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        try:
+            values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ValueError(f"{path}: cannot parse config ({e})") from e
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a config file must hold a mapping of field names to values")
+        if "preset" in values:
+            base = cls.preset(values.pop("preset"))
+        try:
+            return cls.from_dict(values, base=base)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    @classmethod
+    def preset(cls, name: str) -> Self:
+        """A named preset; stages without presets only know ``default``."""
+        if name != "default":
+            raise ValueError(f"{cls.__name__} has no preset {name!r}; known: default")
+        return cls()  # type: ignore[call-arg]
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Turn a YAML/JSON/CLI value into the field's type (lists → tuples, comma strings → tuples)."""
+    if value is None:
+        return None
+    base = _base_type(hint)
+    if base is tuple:
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return tuple(value)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _base_type(hint: Any) -> Any:
+    """``int | None`` → int, ``tuple[str, ...]`` → tuple, ``bool | None`` → bool."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _base_type(args[0])
+    return typing.get_origin(hint) or hint
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[StageConfig], *, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--flag`` per field of ``cls``; flags the user does not pass stay unset."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} (defaults shown; a --config file or preset may change them)")
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in skip:
+            continue
+        base = _base_type(hints[f.name])
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,
+            "help": f"{f.metadata.get('help', '')} (default: {f.default!r})",
+        }
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if base is bool:
+            kwargs["type"] = _parse_bool
+            kwargs["metavar"] = "true|false"
+        elif base is tuple:
+            kwargs["type"] = str
+            kwargs["metavar"] = "A,B,..."
+        elif base in (int, float):
+            kwargs["type"] = base
+        else:
+            kwargs["type"] = str
+        group.add_argument(f"--{f.name.replace('_', '-')}", **kwargs)
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace, *, base: C | None = None) -> C:
+    """The config of ``cls`` from parsed flags on top of ``base`` (flags win)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return cls.from_dict(values, base=base)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage configs
+# --------------------------------------------------------------------------------------------------
+
+SOURCE_FORMATS = ("auto", "jsonl", "csv", "parquet", "simcse", "hf")
+PAIRINGS = ("one", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig(StageConfig):
+    """Load NLI pairs and build the paper's gold preference triples.
+
+    Source: ``source``, ``source_format``, ``split``. Grouping: ``pairing``, ``seed``,
+    ``max_premises``. Prompt: ``template``.
+    """
+
+    source: str = option("data/nli_sample.jsonl", "NLI source: a .jsonl/.csv/.parquet file, SimCSE's triplet csv, "
+                         "or a Hugging Face dataset id (needs network)")
+    source_format: str = option("auto", "format of the source; auto guesses from the columns and extension",
+                                choices=SOURCE_FORMATS)
+    split: str = option("train", "split to read when the source is a Hugging Face dataset id")
+    template: str = option("P1", "paraphrase template: P1-P5 or a custom text with {sentence}")
+    pairing: str = option("one", "one: one (entailment, contradiction) per premise, chosen with the seed; "
+                          "all: every combination", choices=PAIRINGS)
+    seed: int = option(0, "seed for picking hypotheses and for the row order")
+    max_premises: int | None = option(None, "keep at most this many premises (after shuffling with the seed)")
+
+    def __post_init__(self) -> None:
+        _check_choice("source_format", self.source_format, SOURCE_FORMATS)
+        _check_choice("pairing", self.pairing, PAIRINGS)
+        resolve_template(self.template)
+        if self.max_premises is not None:
+            _check_positive("max_premises", self.max_premises)
+
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+CHAT_MODES = ("auto", "on", "off")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(StageConfig):
+    """DPO with LoRA through TRL's ``DPOTrainer``.
+
+    Model: ``model``, ``chat_template``, ``device``, ``bf16``. DPO: ``beta``, ``loss_type``.
+    LoRA: ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``. Optimisation:
+    ``learning_rate``, ``warmup_ratio``, ``lr_scheduler``, ``epochs``, ``max_steps``,
+    ``batch_size``, ``gradient_accumulation_steps``, ``max_length``. Speed: ``precompute_ref_log_probs``,
+    ``gradient_checkpointing``. Output: ``save_merged``.
+    Presets: ``paper`` (the paper's recipe, for GPUs) and ``cpu`` (small batches, fp32, precomputed
+    reference log-probs).
+    """
+
+    model: str = option("smollm2-135m-instruct", "policy model: built-in name, local folder, or Hub id")
+    chat_template: str = option("auto", "wrap prompt/answers in the tokenizer's chat template "
+                                "(auto: when the tokenizer has one)", choices=CHAT_MODES)
+    device: str = option("auto", "auto picks cuda when available", choices=DEVICES)
+    bf16: bool | None = option(None, "train in bf16 (default: on for CUDA, off on CPU)")
+    beta: float = option(0.1, "DPO beta (deviation from the reference)")
+    loss_type: str = option("sigmoid", "DPO loss", choices=LOSS_TYPES)
+    lora_r: int = option(8, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_target_modules: str = option("all-linear", "LoRA targets: all-linear or comma-separated module names")
+    learning_rate: float = option(1e-4, "peak learning rate (AdamW)")
+    warmup_ratio: float = option(0.05, "fraction of steps for linear warmup")
+    lr_scheduler: str = option("cosine", "learning-rate schedule (transformers name)")
+    epochs: float = option(1.0, "passes over the preference data")
+    max_steps: int = option(-1, "stop after this many optimiser steps (-1: run the epochs)")
+    batch_size: int = option(8, "examples per device per step")
+    gradient_accumulation_steps: int = option(
+        1, "steps accumulated per update (effective batch = batch_size x this x devices)")
+    max_length: int = option(128, "max tokens of prompt + answer")
+    precompute_ref_log_probs: bool = option(True, "compute the reference log-probs once before training "
+                                            "(saves a forward pass per step)")
+    gradient_checkpointing: bool = option(False, "trade compute for memory")
+    logging_steps: int = option(1, "log every N steps")
+    seed: int = option(0, "training seed")
+    save_merged: bool = option(False, "also save base+adapter merged into a plain model folder")
+
+    def __post_init__(self) -> None:
+        _check_choice("chat_template", self.chat_template, CHAT_MODES)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        for name in ("beta", "learning_rate", "epochs", "lora_alpha", "lora_r", "batch_size",
+                     "gradient_accumulation_steps", "max_length", "logging_steps"):
+            _check_positive(name, getattr(self, name))
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be -1 or > 0, got {self.max_steps!r}")
+
+    @classmethod
+    def preset(cls, name: str) -> TrainConfig:
+        """``paper``: LoRA r8/a32 all-linear, lr 1e-4, beta 0.1, effective batch 256, bf16, max_length 1024.
+        ``cpu``: the same recipe with batch 8, fp32, max_length 128 and precomputed reference log-probs."""
+        presets = {
+            "cpu": cls(),
+            "paper": cls(batch_size=8, gradient_accumulation_steps=32, max_length=1024, bf16=True,
+                         precompute_ref_log_probs=False, gradient_checkpointing=True, logging_steps=10),
+            "default": cls(),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown train preset {name!r}; known: {', '.join(presets)}")
+        return presets[name]
+
+
+EMBEDDINGS = ("auto", "prompteol", "sentence-transformers")
+SPLITS = ("test", "dev")
+STS_TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig(StageConfig):
+    """How sentences are turned into vectors: encoder type, precision, batching, layer."""
+
+    embedding: str = option("auto", "auto: sentence-transformers folder → its own pooling, causal LM → PromptEOL",
+                            choices=EMBEDDINGS)
+    dtype: str = option("auto", "weights dtype for PromptEOL (auto: bfloat16 when the CPU/GPU supports it, "
+                        "else float32)", choices=DTYPES)
+    batch_size: int = option(64, "sentences per forward pass (sorted by length, so little padding)")
+    layer: int = option(-1, "hidden layer to read the last token from (-1: final layer, after the norm)")
+    device: str = option("auto", "auto picks cuda when available", choices=DEVICES)
+
+    def __post_init__(self) -> None:
+        _check_choice("embedding", self.embedding, EMBEDDINGS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("device", self.device, DEVICES)
+        _check_positive("batch_size", self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(StageConfig):
+    """STS evaluation: which tasks, which split, where the data is."""
+
+    tasks: tuple[str, ...] = option(STS_TASKS, "comma-separated STS tasks")
+    split: str = option("test", "STSBenchmark/SICKRelatedness split (dev reads sts-dev.csv / SICK_trial.txt)",
+                        choices=SPLITS)
+    senteval_dir: str | None = option(None, "SentEval data folder (data/downstream layout); "
+                                      "unset: load the MTEB copies from the Hugging Face Hub")
+
+    def __post_init__(self) -> None:
+        _check_choice("split", self.split, SPLITS)
+        if not self.tasks:
+            raise ValueError("tasks must name at least one STS task")
+        for task in self.tasks:
+            _check_choice("task", task, STS_TASKS)

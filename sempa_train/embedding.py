@@ -1,0 +1,193 @@
+"""Sentence embeddings: PromptEOL from a causal LM (optionally with a LoRA adapter), or a sentence-transformers
+encoder as a baseline. One module serves evaluation, scoring and ranking alike.
+
+PromptEOL puts the preprocessed sentence into ``This sentence : "{sentence}" means in one word:"``
+and takes the hidden state of the last token of the final layer (after the final norm), with left
+padding. For speed it
+
+* encodes each distinct sentence once,
+* sorts sentences by token length so a batch carries almost no padding,
+* runs the decoder only (no LM head over the vocabulary) and returns only the last position,
+* uses bf16 weights where the hardware has bf16 matrix units (``dtype="auto"``).
+
+Usage::
+
+    encoder = load_encoder("smollm2-135m-instruct", EmbedConfig())
+    vectors = encoder.encode(["A man is playing a guitar.", "Someone plays an instrument."])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sempa_train.config import EmbedConfig
+from sempa_train.models import (
+    is_sentence_transformers_folder,
+    load_causal_lm,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+)
+from sempa_train.templates import PROMPTEOL_TEMPLATE, prompteol_prompt
+
+log = logging.getLogger(__name__)
+
+
+class Encoder(Protocol):
+    """Anything that turns sentences into a ``(n, dim)`` float32 array."""
+
+    name: str
+
+    def encode(self, sentences: Sequence[str]) -> np.ndarray: ...
+
+
+class DedupEncoder:
+    """Base class: encodes each distinct input once and scatters the vectors back in input order."""
+
+    name: str = ""
+
+    def encode(self, sentences: Sequence[str]) -> np.ndarray:
+        unique = list(dict.fromkeys(sentences))
+        if not unique:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self._encode_unique(unique)
+        position = {s: i for i, s in enumerate(unique)}
+        return vectors[[position[s] for s in sentences]]
+
+    @property
+    def dim(self) -> int:
+        raise NotImplementedError
+
+    def _encode_unique(self, sentences: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class PromptEOLEncoder(DedupEncoder):
+    """PromptEOL embeddings of a causal LM (build the model once and pass it in)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        template: str = PROMPTEOL_TEMPLATE,
+        batch_size: int = 64,
+        layer: int = -1,
+        name: str = "",
+        show_progress: bool | None = None,
+    ) -> None:
+        self.model = model
+        self.decoder = model.get_decoder()  # the transformer without the LM head
+        self.tokenizer = tokenizer
+        self.template = template
+        self.batch_size = batch_size
+        self.layer = layer
+        self.name = name or getattr(model.config, "_name_or_path", "causal-lm")
+        self.show_progress = show_progress
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def prompts(self, sentences: Sequence[str]) -> list[str]:
+        """The PromptEOL inputs (preprocessed sentence in the template)."""
+        return [prompteol_prompt(s, self.template) for s in sentences]
+
+    @torch.inference_mode()
+    def _encode_unique(self, sentences: list[str]) -> np.ndarray:
+        token_ids = self.tokenizer(self.prompts(sentences))["input_ids"]
+        order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]), reverse=True)
+        out = np.empty((len(sentences), self.dim), dtype=np.float32)
+        device = next(self.model.parameters()).device
+        batches = range(0, len(order), self.batch_size)
+        for start in tqdm(batches, desc="PromptEOL", unit="batch", disable=_tqdm_disable(self.show_progress)):
+            idx = order[start : start + self.batch_size]
+            out[idx] = self._last_token_states([token_ids[i] for i in idx], device)
+        return out
+
+    def _last_token_states(self, batch_ids: list[list[int]], device: torch.device) -> np.ndarray:
+        width = max(len(ids) for ids in batch_ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch_ids], device=device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch_ids], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if self.layer == -1:
+            hidden = self.decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                  use_cache=False).last_hidden_state
+        else:
+            hidden = self.decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                  use_cache=False, output_hidden_states=True).hidden_states[self.layer]
+        return hidden[:, -1, :].float().cpu().numpy()
+
+
+class SentenceTransformerEncoder(DedupEncoder):
+    """A sentence-transformers model with its own pooling and normalisation (baselines, scoring)."""
+
+    def __init__(self, model: Any, *, batch_size: int = 64, name: str = "", show_progress: bool | None = None) -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self.name = name or "sentence-transformer"
+        self.show_progress = bool(show_progress)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.get_sentence_embedding_dimension())
+
+    def _encode_unique(self, sentences: list[str]) -> np.ndarray:
+        vectors = self.model.encode(sentences, batch_size=self.batch_size, convert_to_numpy=True,
+                                    show_progress_bar=self.show_progress)
+        return np.asarray(vectors, dtype=np.float32)
+
+
+def _tqdm_disable(show_progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: None (the default) shows the bar only on a terminal."""
+    return None if show_progress is None else not show_progress
+
+
+def encoder_kind(path: Path, requested: str = "auto") -> str:
+    """``prompteol`` or ``sentence-transformers``: the requested kind, or the one the folder implies."""
+    if requested != "auto":
+        return requested
+    return "sentence-transformers" if is_sentence_transformers_folder(path) else "prompteol"
+
+
+def load_encoder(
+    model: str | Path,
+    cfg: EmbedConfig | None = None,
+    *,
+    adapter: str | Path | None = None,
+    show_progress: bool | None = None,
+) -> DedupEncoder:
+    """Build the encoder for a model name/folder (and optional LoRA adapter), choosing its kind automatically."""
+    cfg = cfg or EmbedConfig()
+    path = resolve_model(model)
+    kind = encoder_kind(path, cfg.embedding)
+    device = resolve_device(cfg.device)
+    name = str(model) if adapter is None else f"{model}+{adapter}"
+    if kind == "sentence-transformers":
+        if adapter is not None:
+            raise ValueError("a LoRA adapter applies to PromptEOL (causal LM) embeddings, "
+                             "not to a sentence-transformers model")
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(path), device=str(device))
+        return SentenceTransformerEncoder(st, batch_size=cfg.batch_size, name=name, show_progress=show_progress)
+    dtype = resolve_dtype(cfg.dtype, device)
+    lm, tokenizer = load_causal_lm(path, adapter=adapter, dtype=dtype, device=device)
+    log.info("PromptEOL encoder %s on %s (%s)", name, device, dtype)
+    return PromptEOLEncoder(lm, tokenizer, batch_size=cfg.batch_size, layer=cfg.layer, name=name,
+                            show_progress=show_progress)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two ``(n, d)`` arrays."""
+    a = a / np.clip(np.linalg.norm(a, axis=1, keepdims=True), 1e-12, None)
+    b = b / np.clip(np.linalg.norm(b, axis=1, keepdims=True), 1e-12, None)
+    return np.einsum("ij,ij->i", a, b)

@@ -1,0 +1,122 @@
+"""STS evaluation: Spearman x 100 of the cosine similarity against gold scores.
+
+STS12-16 report SentEval's pooled "all" score (one correlation over all subsets of a year
+concatenated) as ``spearman``, with the subset-size weighted mean (``wmean``) and per-subset scores
+beside it. The primary metric is ``avg``, the mean of the tasks' ``spearman``.
+
+Output contract (read by other tools)::
+
+    {"model": "...", "tasks": {"STSBenchmark": {"spearman": 82.03, "n": 1379, "split": "test"}, ...},
+     "avg": 82.03, "primary_metric": "avg"}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from sempa_train.config import EmbedConfig, EvalConfig
+from sempa_train.embedding import Encoder, cosine, encoder_kind, load_encoder
+from sempa_train.io import write_json
+from sempa_train.models import resolve_model
+from sempa_train.sts_data import STSSubset, load_tasks
+
+
+def spearman100(predicted: np.ndarray, gold: np.ndarray) -> float:
+    """Spearman correlation x 100 (0.0 for fewer than two pairs or a constant input)."""
+    if len(gold) < 2 or np.all(predicted == predicted[0]) or np.all(gold == gold[0]):
+        return 0.0
+    return float(spearmanr(predicted, gold).statistic * 100)
+
+
+def score_subsets(encoder: Encoder, tasks: dict[str, list[STSSubset]]) -> dict[str, list[np.ndarray]]:
+    """Cosine similarity of every pair, per task and subset; all sentences are encoded in one call."""
+    sentences = [s for subsets in tasks.values() for sub in subsets for s in (*sub.sent1, *sub.sent2)]
+    vectors = encoder.encode(sentences)
+    out: dict[str, list[np.ndarray]] = {}
+    offset = 0
+    for task, subsets in tasks.items():
+        out[task] = []
+        for sub in subsets:
+            n = len(sub)
+            a, b = vectors[offset : offset + n], vectors[offset + n : offset + 2 * n]
+            out[task].append(cosine(a, b))
+            offset += 2 * n
+    return out
+
+
+def task_metrics(subsets: list[STSSubset], similarities: list[np.ndarray]) -> dict[str, Any]:
+    """Pooled Spearman, weighted mean and per-subset Spearman of one task."""
+    per_subset = {sub.name: {"spearman": spearman100(sim, sub.scores), "n": len(sub)}
+                  for sub, sim in zip(subsets, similarities, strict=True)}
+    n = sum(len(sub) for sub in subsets)
+    pooled = spearman100(np.concatenate(similarities), np.concatenate([sub.scores for sub in subsets]))
+    result: dict[str, Any] = {"spearman": pooled, "n": n, "split": subsets[0].split}
+    if len(subsets) > 1:
+        result["wmean"] = sum(m["spearman"] * m["n"] for m in per_subset.values()) / n
+        result["subsets"] = per_subset
+    return result
+
+
+def evaluate_sts(encoder: Encoder, tasks: dict[str, list[STSSubset]]) -> dict[str, Any]:
+    """Evaluate ``encoder`` on loaded STS tasks; returns the contract dict above."""
+    similarities = score_subsets(encoder, tasks)
+    results = {task: task_metrics(tasks[task], similarities[task]) for task in tasks}
+    avg = float(np.mean([r["spearman"] for r in results.values()])) if results else 0.0
+    return {"model": encoder.name, "tasks": results, "avg": avg, "primary_metric": "avg"}
+
+
+def format_table(results: dict[str, Any], *, compare: dict[str, Any] | None = None) -> str:
+    """A plain-text table of one result (and, with ``compare``, a baseline column and the delta)."""
+    header = ["task", "split", "n", "spearman"]
+    if compare:
+        header = ["task", "split", "n", "baseline", "spearman", "delta"]
+    rows = []
+    for task, r in results["tasks"].items():
+        row = [task, r["split"], str(r["n"])]
+        if compare:
+            base = compare["tasks"].get(task, {}).get("spearman", float("nan"))
+            row += [f"{base:.2f}", f"{r['spearman']:.2f}", f"{r['spearman'] - base:+.2f}"]
+        else:
+            row.append(f"{r['spearman']:.2f}")
+        rows.append(row)
+    avg_row = ["avg", "", ""]
+    if compare:
+        avg_row += [f"{compare['avg']:.2f}", f"{results['avg']:.2f}", f"{results['avg'] - compare['avg']:+.2f}"]
+    else:
+        avg_row.append(f"{results['avg']:.2f}")
+    rows.append(avg_row)
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def run_sts_eval(
+    model: str,
+    cfg: EvalConfig,
+    embed: EmbedConfig | None = None,
+    *,
+    adapter: str | Path | None = None,
+    out: Path | None = None,
+    tasks: dict[str, list[STSSubset]] | None = None,
+) -> dict[str, Any]:
+    """Load the STS data (unless given) and the encoder, evaluate, and write ``out`` (JSON) when given."""
+    embed = embed or EmbedConfig()
+    tasks = tasks if tasks is not None else load_tasks(cfg.tasks, cfg.split, cfg.senteval_dir)
+    encoder = load_encoder(model, embed, adapter=adapter)
+    results = evaluate_sts(encoder, tasks)
+    results.update(
+        model=str(model),
+        adapter=None if adapter is None else str(adapter),
+        embedding=encoder_kind(resolve_model(model), embed.embedding),
+        eval_config=cfg.to_dict(),
+        embed_config=embed.to_dict(),
+    )
+    if out is not None:
+        write_json(Path(out), results)
+    return results

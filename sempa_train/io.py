@@ -1,0 +1,293 @@
+"""The one module that reads and writes the pipeline's files: Parquet tables and dataset folders.
+
+Every write is atomic (a temporary file or folder beside the target, then a rename), so a crash
+never leaves a half-written table and never replaces data that was already there. Every table is
+checked against its schema on write and on read.
+
+A *dataset folder* holds one table and what explains it::
+
+    DIR/data.parquet    the table
+    DIR/manifest.json   kind, rows, data hash, counts, drops by reason, config, parents, code version
+    DIR/config.json     the resolved config that produced it
+    DIR/README.md       the dataset card, rendered from the manifest
+
+Open one with polars: ``pl.read_parquet("DIR/data.parquet")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from sempa_train import __version__
+from sempa_train.schemas import schema_for
+
+DATA_FILE = "data.parquet"
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+
+
+class SchemaError(ValueError):
+    """A table does not have the columns or types its schema requires."""
+
+
+def check_schema(df: pl.DataFrame, schema: pl.Schema, where: str) -> None:
+    """Raise ``SchemaError`` naming ``where`` and every wrong column unless ``df`` matches ``schema``."""
+    problems = []
+    for name, dtype in schema.items():
+        if name not in df.schema:
+            problems.append(f"missing column {name!r} ({dtype})")
+        elif df.schema[name] != dtype:
+            problems.append(f"column {name!r} has type {df.schema[name]}, expected {dtype}")
+    extra = [c for c in df.columns if c not in schema]
+    if extra:
+        problems.append(f"unexpected column(s) {', '.join(repr(c) for c in extra)}")
+    if problems:
+        raise SchemaError(f"{where}: " + "; ".join(problems))
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success rename it onto ``target``.
+
+    On error the temporary file is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        tmp.replace(target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (indented, UTF-8, non-JSON values stringified)."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file, naming it in the error when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def write_parquet(df: pl.DataFrame, path: Path, schema: pl.Schema) -> None:
+    """Check ``df`` against ``schema`` and write it to ``path`` atomically (zstd)."""
+    path = Path(path)
+    check_schema(df, schema, f"refusing to write {path}")
+    with atomic_path(path) as tmp:
+        df.select(list(schema)).write_parquet(tmp, compression="zstd")
+
+
+def read_parquet(path: Path, schema: pl.Schema) -> pl.DataFrame:
+    """Read a Parquet file and check it against ``schema`` (columns returned in schema order)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such Parquet file")
+    try:
+        df = pl.read_parquet(path)
+    except Exception as e:  # polars raises several types for a damaged file
+        raise ValueError(f"{path}: cannot be read as Parquet ({e})") from e
+    check_schema(df, schema, str(path))
+    return df.select(list(schema))
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def text_id(*parts: str) -> str:
+    """A stable 16-hex-digit id of a tuple of strings (unit separator between parts)."""
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:16]
+
+
+def code_version() -> str:
+    """The package version plus the git commit of the source tree when there is one (``+dirty``)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}+g{commit}{'.dirty' if dirty else ''}"
+
+
+def now_iso() -> str:
+    """Current UTC time, ISO 8601, second precision."""
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def resolve_dataset_file(path: Path) -> Path:
+    """The Parquet file of a dataset folder, or ``path`` itself when it is a Parquet file."""
+    path = Path(path)
+    if path.is_dir():
+        data = path / DATA_FILE
+        if not data.is_file():
+            raise FileNotFoundError(f"{path}: a dataset folder must contain {DATA_FILE}")
+        return data
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such dataset folder or Parquet file")
+    return path
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a dataset folder (``{}`` for a bare Parquet file)."""
+    path = Path(path)
+    manifest = path / MANIFEST_FILE if path.is_dir() else path.parent / MANIFEST_FILE
+    return read_json(manifest) if manifest.is_file() else {}
+
+
+def read_dataset(path: Path, kind: str) -> pl.DataFrame:
+    """Read the table of a dataset folder (or a Parquet file) and check it against ``kind``'s schema."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest and manifest.get("kind") != kind:
+        raise SchemaError(f"{path}: holds a {manifest.get('kind')!r} table, expected {kind!r}")
+    return read_parquet(resolve_dataset_file(path), schema_for(kind))
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``target``; on success rename it onto ``target``.
+
+    Readers never see a partial folder. An existing ``target`` is an error unless ``overwrite``; then
+    it is replaced only after the new folder is complete. On error the temporary folder is removed.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_any(path: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Read a dataset folder or Parquet file of any kind, unchecked (for inspection), with its manifest."""
+    file = resolve_dataset_file(Path(path))
+    try:
+        df = pl.read_parquet(file)
+    except Exception as e:
+        raise ValueError(f"{file}: cannot be read as Parquet ({e})") from e
+    return df, read_manifest(Path(path))
+
+
+def write_dataset(
+    out_dir: Path,
+    df: pl.DataFrame,
+    *,
+    kind: str,
+    config: Mapping[str, Any],
+    source: str,
+    counts: Mapping[str, int] | None = None,
+    drops: Mapping[str, int] | None = None,
+    parents: Mapping[str, str] | None = None,
+    description: str = "",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write ``df`` as a dataset folder at ``out_dir`` atomically and return its manifest."""
+    with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
+        write_parquet(df, tmp / DATA_FILE, schema_for(kind))
+        manifest = {
+            "kind": kind,
+            "rows": df.height,
+            "data_sha256": file_sha256(tmp / DATA_FILE),
+            "source": source,
+            "counts": dict(counts or {}),
+            "drops": dict(drops or {}),
+            "parents": dict(parents or {}),
+            "config": dict(config),
+            "code_version": code_version(),
+            "created_at": now_iso(),
+            "description": description,
+        }
+        write_json(tmp / MANIFEST_FILE, manifest)
+        write_json(tmp / CONFIG_FILE, dict(config))
+        write_text(tmp / CARD_FILE, render_card(manifest, df))
+    return manifest
+
+
+def _swap_into_place(new: Path, target: Path) -> None:
+    """Rename folder ``new`` onto ``target``; an old ``target`` is removed only after the rename."""
+    if not target.exists():
+        new.replace(target)
+        return
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    target.replace(old)
+    new.replace(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _markdown_table(rows: Mapping[str, Any], key: str, value: str) -> list[str]:
+    lines = [f"| {key} | {value} |", "|---|---:|"]
+    lines += [f"| {k} | {v:,} |" if isinstance(v, int) else f"| {k} | {v} |" for k, v in rows.items()]
+    return lines
+
+
+def render_card(manifest: Mapping[str, Any], df: pl.DataFrame) -> str:
+    """The dataset card (markdown) of a dataset folder."""
+    kind = manifest["kind"]
+    lines = [f"# SemPA {kind} dataset", ""]
+    if manifest.get("description"):
+        lines += [manifest["description"], ""]
+    lines += [
+        f"- rows: {manifest['rows']:,}",
+        f"- source: `{manifest['source']}`",
+        f"- created: {manifest['created_at']} by sempa {manifest['code_version']}",
+        f"- data: `{DATA_FILE}` (sha256 `{manifest['data_sha256'][:16]}…`)",
+    ]
+    for name, ref in manifest.get("parents", {}).items():
+        lines.append(f"- {name}: `{ref}`")
+    if manifest.get("counts"):
+        lines += ["", "## Counts", "", *_markdown_table(manifest["counts"], "what", "count")]
+    lines += ["", "## Dropped, by reason", ""]
+    if manifest.get("drops"):
+        lines += _markdown_table(manifest["drops"], "reason", "count")
+    else:
+        lines.append("Nothing was dropped.")
+    lines += ["", "## Columns", "", "| column | type |", "|---|---|"]
+    lines += [f"| `{c}` | {t} |" for c, t in df.schema.items()]
+    lines += ["", "## Config", "", "```json", json.dumps(manifest["config"], indent=2, default=str), "```"]
+    lines += ["", "## Load", "", "```python", "import polars as pl", f'df = pl.read_parquet("{DATA_FILE}")', "```"]
+    return "\n".join(lines) + "\n"

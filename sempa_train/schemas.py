@@ -1,0 +1,59 @@
+"""Polars schemas of every table the pipeline writes, as values.
+
+Each stage's output is one of these tables. Reading and writing go through ``sempa_train.io``, which
+checks the schema both ways, so a table that does not match is a clear error naming the file and the
+column. Column names of the preference table follow TRL (``prompt``, ``chosen``, ``rejected``), so
+it feeds ``DPOTrainer`` directly.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+# (premise, entailment, contradiction) grouped from NLI pairs.
+TRIPLES_SCHEMA = pl.Schema(
+    {
+        "premise_id": pl.String,  # stable hash of the premise text
+        "premise": pl.String,
+        "entailment": pl.String,
+        "contradiction": pl.String,
+        "source": pl.String,  # file path or dataset id the pairs came from
+        "entailment_row": pl.Int64,  # row (0-based) of the entailment pair in the source
+        "contradiction_row": pl.Int64,
+    }
+)
+
+# Preference triples for DPO, with scores and provenance.
+PREFERENCE_SCHEMA = pl.Schema(
+    {
+        "pair_id": pl.String,  # stable hash of (prompt, chosen, rejected)
+        "premise_id": pl.String,
+        "premise": pl.String,
+        "prompt": pl.String,  # premise in the paraphrase template
+        "chosen": pl.String,
+        "rejected": pl.String,
+        "chosen_origin": pl.String,  # "gold" (NLI hypothesis) or "sampled" (model candidate)
+        "rejected_origin": pl.String,
+        "chosen_score": pl.Float64,  # scorer similarity to the premise; null in gold mode
+        "rejected_score": pl.Float64,
+        "margin": pl.Float64,  # chosen_score - rejected_score; null when either is null
+        "template_id": pl.String,  # P1..P5 or "custom"
+        "strategy": pl.String,  # gold | sampled | hybrid
+        "source": pl.String,
+        "chosen_row": pl.Int64,  # source row of a gold side, null for a sampled side
+        "rejected_row": pl.Int64,
+    }
+)
+
+SCHEMAS: dict[str, pl.Schema] = {
+    "triples": TRIPLES_SCHEMA,
+    "preferences": PREFERENCE_SCHEMA,
+}
+
+
+def schema_for(kind: str) -> pl.Schema:
+    """The schema registered under ``kind`` (``triples``, ``preferences``, ...)."""
+    try:
+        return SCHEMAS[kind]
+    except KeyError:
+        raise ValueError(f"unknown table kind {kind!r}; known: {', '.join(SCHEMAS)}") from None

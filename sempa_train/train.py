@@ -1,0 +1,190 @@
+"""The train stage: DPO with LoRA on a preference dataset, through TRL's ``DPOTrainer``.
+
+Output folder (written as one unit when training finishes)::
+
+    OUT/adapter/         the LoRA adapter (peft format) and the tokenizer
+    OUT/merged/          base + adapter merged into a plain model folder (with save_merged)
+    OUT/train_log.jsonl  TRL's log, one JSON object per logging step (loss, rewards/margins, ...)
+    OUT/metrics.json     summary: steps, runtime, final loss / reward accuracy / margin
+    OUT/config.json      the resolved TrainConfig
+    OUT/manifest.json    what produced it: base model, data folder and hash, config, code version
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from sempa_train.config import TrainConfig
+from sempa_train.io import (
+    atomic_dir,
+    code_version,
+    file_sha256,
+    now_iso,
+    read_dataset,
+    read_manifest,
+    resolve_dataset_file,
+    write_json,
+    write_text,
+)
+from sempa_train.models import load_tokenizer, resolve_device, resolve_model
+
+log = logging.getLogger(__name__)
+
+PLAIN_SEPARATOR = "\n"  # between prompt and answer when no chat template is used
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the trained adapter and logs are, and the summary metrics."""
+
+    out_dir: Path
+    metrics: dict[str, Any]
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.out_dir / "adapter"
+
+
+def to_trl_records(df: pl.DataFrame, *, chat: bool) -> list[dict[str, Any]]:
+    """The ``prompt``/``chosen``/``rejected`` records TRL expects.
+
+    With ``chat`` the prompt becomes a user message and the answers assistant messages, so TRL renders
+    them through the tokenizer's chat template; otherwise the prompt ends with a newline and TRL
+    concatenates the plain strings.
+    """
+    if chat:
+        return [
+            {"prompt": [{"role": "user", "content": p}],
+             "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]}
+            for p, c, r in df.select("prompt", "chosen", "rejected").iter_rows()
+        ]
+    return [{"prompt": p + PLAIN_SEPARATOR, "chosen": c, "rejected": r}
+            for p, c, r in df.select("prompt", "chosen", "rejected").iter_rows()]
+
+
+def use_chat_template(mode: str, tokenizer: Any) -> bool:
+    """Resolve ``auto|on|off`` against whether the tokenizer has a chat template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "on" and not has_template:
+        raise ValueError("chat_template='on' but the tokenizer has no chat template; use 'off' or 'auto'")
+    return has_template if mode == "auto" else mode == "on"
+
+
+def summarize_log(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final training metrics from TRL's log history (last logged value of each key)."""
+    steps = [h for h in history if "loss" in h]
+    summary: dict[str, Any] = {"logged_steps": len(steps)}
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+        values = [h[key] for h in steps if key in h]
+        if values:
+            summary[f"final_{key.replace('/', '_')}"] = values[-1]
+    for h in history:
+        for key in ("train_runtime", "train_loss", "train_samples_per_second"):
+            if key in h:
+                summary[key] = h[key]
+    summary["global_steps"] = max((h.get("step", 0) for h in history), default=0)
+    return summary
+
+
+def build_dpo_config(cfg: TrainConfig, output_dir: Path, device: torch.device) -> Any:
+    """TRL's ``DPOConfig`` for ``cfg`` (CPU: ``use_cpu`` and no bf16 unless asked for)."""
+    from trl import DPOConfig
+
+    bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return DPOConfig(
+        output_dir=str(output_dir),
+        beta=cfg.beta,
+        loss_type=[cfg.loss_type],
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a value below 1 is a fraction of the steps
+        lr_scheduler_type=cfg.lr_scheduler,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_length=cfg.max_length,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        bf16=bf16,
+        use_cpu=device.type == "cpu",
+        logging_steps=cfg.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=cfg.seed,
+    )
+
+
+def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = False) -> TrainResult:
+    """Train a LoRA adapter with DPO on the preference dataset at ``data`` and write ``out_dir``."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import DPOTrainer
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
+    df = read_dataset(data, "preferences")
+    if df.is_empty():
+        raise ValueError(f"{data}: the preference dataset is empty")
+    device = resolve_device(cfg.device)
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path, padding_side="right")
+    chat = use_chat_template(cfg.chat_template, tokenizer)
+    train_dataset = Dataset.from_list(to_trl_records(df, chat=chat))
+    targets = cfg.lora_target_modules
+    peft_config = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    log.info("train: %s triples, model %s on %s, chat template %s", f"{df.height:,}", cfg.model, device,
+             "on" if chat else "off")
+
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        trainer = DPOTrainer(
+            model=model, args=build_dpo_config(cfg, tmp / "trainer", device), train_dataset=train_dataset,
+            processing_class=tokenizer, peft_config=peft_config,
+        )
+        trainer.train()
+        history = trainer.state.log_history
+        trainer.model.save_pretrained(tmp / "adapter")
+        tokenizer.save_pretrained(tmp / "adapter")
+        write_text(tmp / "train_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        metrics = summarize_log(history)
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "config.json", cfg.to_dict())
+        data_manifest = read_manifest(Path(data))
+        write_json(tmp / "manifest.json", {
+            "kind": "model",
+            "base_model": cfg.model,
+            "base_model_path": str(model_path),
+            "adapter": "adapter",
+            "chat_template": chat,
+            "data": str(data),
+            "data_sha256": data_manifest.get("data_sha256") or file_sha256(resolve_dataset_file(Path(data))),
+            "triples": df.height,
+            "config": cfg.to_dict(),
+            "metrics": metrics,
+            "code_version": code_version(),
+            "created_at": now_iso(),
+        })
+        if cfg.save_merged:
+            merged = trainer.model.merge_and_unload()
+            merged.save_pretrained(tmp / "merged")
+            tokenizer.save_pretrained(tmp / "merged")
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    log.info("train: %s steps in %.0fs; final loss %.4f, reward accuracy %.3f, margin %.4f",
+             metrics.get("global_steps"), metrics.get("train_runtime", 0.0), metrics.get("final_loss", float("nan")),
+             metrics.get("final_rewards_accuracies", float("nan")), metrics.get("final_rewards_margins", float("nan")))
+    return TrainResult(out_dir=out_dir, metrics=metrics)
+

@@ -1,0 +1,47 @@
+import pytest
+
+from sempa_train.config import EvalConfig, PrepareConfig, TrainConfig, add_arguments, config_from_args
+
+
+def test_bad_values_are_quoted():
+    with pytest.raises(ValueError, match="beta must be > 0, got -0.5"):
+        TrainConfig(beta=-0.5)
+    with pytest.raises(ValueError, match="pairing must be one of one, all, got 'some'"):
+        PrepareConfig(pairing="some")
+    with pytest.raises(ValueError, match="task must be one of .* got 'STS99'"):
+        EvalConfig(tasks=("STS99",))
+    with pytest.raises(ValueError, match="exactly once"):
+        PrepareConfig(template="no placeholder")
+
+
+def test_presets_follow_the_paper():
+    paper = TrainConfig.preset("paper")
+    recipe = (paper.lora_r, paper.lora_alpha, paper.learning_rate, paper.beta, paper.loss_type)
+    assert recipe == (8, 32, 1e-4, 0.1, "sigmoid")
+    assert paper.batch_size * paper.gradient_accumulation_steps == 256 and paper.bf16 is True
+    assert (paper.warmup_ratio, paper.lr_scheduler, paper.epochs, paper.max_length) == (0.05, "cosine", 1.0, 1024)
+    with pytest.raises(ValueError, match="unknown train preset 'gpu'"):
+        TrainConfig.preset("gpu")
+
+
+def test_yaml_file_flags_and_unknown_keys(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("preset: paper\nbeta: 0.5\nlora_r: 16\n")
+    cfg = TrainConfig.load(path)
+    assert (cfg.beta, cfg.lora_r, cfg.gradient_accumulation_steps) == (0.5, 16, 32)
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, TrainConfig)
+    args = parser.parse_args(["--beta", "0.2", "--bf16", "false"])
+    flagged = config_from_args(TrainConfig, args, base=cfg)
+    assert (flagged.beta, flagged.bf16, flagged.lora_r) == (0.2, False, 16)  # flags win, the rest is kept
+
+    path.write_text("betta: 0.5\n")
+    with pytest.raises(ValueError, match=r"train\.yaml: unknown TrainConfig field\(s\): betta"):
+        TrainConfig.load(path)
+
+
+def test_tasks_accept_comma_strings():
+    assert EvalConfig.from_dict({"tasks": "STS12, STSBenchmark"}).tasks == ("STS12", "STSBenchmark")

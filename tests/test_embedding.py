@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+import torch
+
+from sempa_train.config import EmbedConfig
+from sempa_train.embedding import PromptEOLEncoder, cosine, load_encoder
+from sempa_train.models import load_causal_lm
+
+SENTENCES = [
+    "A man is playing a guitar on the street.",
+    "A dog runs.",
+    "Two children are building a sandcastle near the water while their parents watch?",
+    "A dog runs.",
+    'She said "yes"',
+]
+
+
+def reference_embeddings(model, tokenizer, sentences):
+    """PromptEOL the slow, obvious way: one sentence at a time, full model, hidden_states[-1][:, -1]."""
+    enc = PromptEOLEncoder(model, tokenizer)
+    out = []
+    with torch.no_grad():
+        for prompt in enc.prompts(sentences):
+            ids = tokenizer(prompt, return_tensors="pt")
+            out.append(model(**ids, output_hidden_states=True).hidden_states[-1][0, -1].float().numpy())
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_causal_lm(tiny_model_dir, dtype=torch.float32)
+
+
+def test_batched_sorted_dedup_equals_one_by_one(tiny):
+    model, tokenizer = tiny
+    expected = reference_embeddings(model, tokenizer, SENTENCES)
+    got = PromptEOLEncoder(model, tokenizer, batch_size=2, show_progress=False).encode(SENTENCES)
+    assert got.shape == (5, 128) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)  # left padding does not change results
+    np.testing.assert_array_equal(got[1], got[3])
+
+
+def test_layer_option_reads_an_earlier_layer(tiny):
+    model, tokenizer = tiny
+    last = PromptEOLEncoder(model, tokenizer, show_progress=False).encode(SENTENCES[:2])
+    first = PromptEOLEncoder(model, tokenizer, layer=1, show_progress=False).encode(SENTENCES[:2])
+    assert not np.allclose(last, first)
+    ids = tokenizer(PromptEOLEncoder(model, tokenizer).prompts(SENTENCES[:1]), return_tensors="pt")
+    with torch.no_grad():
+        layer1 = model(**ids, output_hidden_states=True).hidden_states[1][0, -1].numpy()
+    np.testing.assert_allclose(first[0], layer1, rtol=1e-4, atol=1e-4)
+
+
+def test_empty_input_and_auto_kind(tiny_model_dir):
+    encoder = load_encoder(tiny_model_dir, EmbedConfig(dtype="float32"), show_progress=False)
+    assert isinstance(encoder, PromptEOLEncoder)
+    assert encoder.encode([]).shape == (0, 128)
+
+
+def test_sentence_transformers_folder_is_detected():
+    encoder = load_encoder("all-minilm-l6-v2", show_progress=False)
+    vectors = encoder.encode(["A man plays a guitar.", "A man is playing the guitar.", "Stocks fell sharply."])
+    assert vectors.shape == (3, 384)
+    sims = cosine(vectors[[0, 0]], vectors[[1, 2]])
+    assert sims[0] > 0.8 > sims[1]
+    with pytest.raises(ValueError, match="LoRA adapter applies to PromptEOL"):
+        load_encoder("all-minilm-l6-v2", adapter="x")
