@@ -3,6 +3,9 @@
     sempa run --senteval-dir ../shared/data/senteval          # the whole method on the built-in sample
     sempa prepare --source nli.jsonl --out outputs/data/snli  # NLI → triples + gold preferences
     sempa inspect outputs/data/snli/preferences               # polars summary of a dataset
+    sempa sample --triples outputs/data/snli/triples --out outputs/data/snli/candidates
+    sempa rank --triples outputs/data/snli/triples --candidates outputs/data/snli/candidates \
+        --strategy sampled --out outputs/data/snli/sampled
     sempa train --data outputs/data/snli/preferences --out outputs/models/snli --preset cpu
     sempa eval --model smollm2-135m-instruct --adapter outputs/models/snli/adapter \\
         --senteval-dir ../shared/data/senteval --tasks STSBenchmark --split dev --out eval.json
@@ -23,6 +26,8 @@ from sempa_train.config import (
     EmbedConfig,
     EvalConfig,
     PrepareConfig,
+    RankConfig,
+    SampleConfig,
     TrainConfig,
     add_arguments,
     config_from_args,
@@ -65,6 +70,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     add_arguments(p, PrepareConfig)
     _common(p)
+
+    p = sub.add_parser("sample", help="n paraphrase candidates per premise from the policy (vLLM or transformers)",
+                       description="Sample paraphrase candidates for every premise of a triples dataset, in "
+                       "resumable shards (a re-run skips finished shards). Backend auto: vLLM when installed, "
+                       "else transformers. Writes a candidates dataset folder.")
+    p.add_argument("--triples", type=Path, required=True, help="triples dataset folder (from sempa prepare)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--config", type=Path, help="YAML/JSON file of SampleConfig fields")
+    add_arguments(p, SampleConfig)
+    _common(p)
+
+    p = sub.add_parser("rank", help="candidates + triples → scored, filtered preference triples",
+                       description="Build preference triples with a strategy (gold, sampled, hybrid) and a "
+                       "scorer (embedding, policy, nli), filtering copies, empty/truncated candidates, length "
+                       "ratios, duplicates, low margins and evaluation-set sentences; every drop is counted in "
+                       "the dataset card.")
+    p.add_argument("--triples", type=Path, help="triples dataset folder (gold pairs, contradictions)")
+    p.add_argument("--candidates", type=Path, help="candidates dataset folder (from sempa sample)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--config", type=Path, help="YAML/JSON file of RankConfig fields")
+    add_arguments(p, RankConfig)
+    _common(p)
+
+    p = sub.add_parser("prefect", help="local Prefect: up (server, pool, deployments, worker), run, status, down",
+                       description="Set up Prefect locally in one step: `up` starts a server on 127.0.0.1 "
+                       "(embedded SQLite), creates the process work pool, deploys flows.yaml, starts a worker and "
+                       "points the active Prefect profile at the server. `run NAME` runs a deployment and waits "
+                       "(prefect deployment run sempa/NAME --watch). `down` stops what `up` started.")
+    p.add_argument("action", choices=("up", "run", "status", "down"))
+    p.add_argument("deployment", nargs="?", default="full", help="for run: full, refresh or evaluate")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
+                   help="for run: a flow parameter, value in JSON (repeatable)")
+    p.add_argument("--port", type=int, default=4200, help="server port on 127.0.0.1 (default 4200)")
+    p.add_argument("--state-dir", type=Path, default=Path("outputs/prefect"), help="pid files and logs")
 
     p = sub.add_parser("inspect", help="polars summary of a dataset folder or Parquet file")
     p.add_argument("path", type=Path)
@@ -117,6 +156,57 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     print("dropped:     " + (", ".join(f"{k}={v:,}" for k, v in result.drops.items()) or "nothing"))
 
 
+def _cmd_sample(args: argparse.Namespace) -> None:
+    from sempa_train.sampling import sample_candidates
+
+    base = SampleConfig.load(args.config) if args.config else None
+    cfg = config_from_args(SampleConfig, args, base=base)
+    result = sample_candidates(cfg, args.triples, args.out, overwrite=args.overwrite)
+    print(f"candidates: {result.out_dir} ({result.counts['candidates']:,} for {result.counts['premises']:,} premises)")
+
+
+def _cmd_rank(args: argparse.Namespace) -> None:
+    from sempa_train.ranking import rank
+
+    base = RankConfig.load(args.config) if args.config else None
+    cfg = config_from_args(RankConfig, args, base=base)
+    result = rank(cfg, args.out, triples=args.triples, candidates=args.candidates, overwrite=args.overwrite)
+    print(f"preferences: {result.out_dir} ({result.counts['pairs']:,} pairs)")
+    print("dropped:     " + (", ".join(f"{k}={v:,}" for k, v in result.drops.items()) or "nothing"))
+
+
+def _cmd_prefect(args: argparse.Namespace) -> None:
+    import json
+
+    from pipelines.local import LocalPrefect, PrefectUnavailableError
+
+    local = LocalPrefect(port=args.port, state_dir=args.state_dir)
+    try:
+        if args.action == "up":
+            local.up()
+            print(f"Prefect server: {local.api_url.removesuffix('/api')} (UI); worker on pool {local.pool}")
+            print("run the pipeline:  prefect deployment run sempa/full --watch")
+            print("stop everything:   sempa prefect down")
+        elif args.action == "run":
+            params = {}
+            for item in args.param:
+                key, _, value = item.partition("=")
+                try:
+                    params[key] = json.loads(value)
+                except json.JSONDecodeError:
+                    params[key] = value
+            code = local.run_deployment(args.deployment, params)
+            if code != 0:
+                raise RuntimeError(f"deployment sempa/{args.deployment} did not complete (exit code {code})")
+        elif args.action == "status":
+            print(json.dumps(local.status(), indent=2))
+        else:
+            local.down()
+            print("stopped the worker and the server started by `sempa prefect up`")
+    except PrefectUnavailableError as e:
+        raise RuntimeError(str(e)) from e
+
+
 def _cmd_inspect(args: argparse.Namespace) -> None:
     from sempa_train.summary import describe
 
@@ -152,20 +242,13 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
     from sempa_train.workflow import RunConfig, run_method
 
-    cfg = RunConfig.load(args.config) if args.config else RunConfig()
-    if args.preset:
-        cfg = RunConfig(prepare=cfg.prepare, train=TrainConfig.preset(args.preset).replace(model=cfg.train.model),
-                        eval=cfg.eval, embed=cfg.embed)
-    overrides_prepare = {"source": args.source} if args.source else {}
-    overrides_train = {k: v for k, v in {"model": args.model, "max_steps": args.max_steps}.items() if v is not None}
-    overrides_eval = {k: v for k, v in {"senteval_dir": args.senteval_dir, "tasks": args.tasks,
-                                        "split": args.split}.items() if v is not None}
-    cfg = RunConfig(
-        prepare=PrepareConfig.from_dict(overrides_prepare, base=cfg.prepare),
-        train=TrainConfig.from_dict(overrides_train, base=cfg.train),
-        eval=EvalConfig.from_dict(overrides_eval, base=cfg.eval),
-        embed=cfg.embed,
-    )
+    overrides = {
+        "prepare": {"source": args.source} if args.source else {},
+        "train": {"max_steps": args.max_steps} if args.max_steps is not None else {},
+        "eval": {k: v for k, v in {"senteval_dir": args.senteval_dir, "tasks": args.tasks,
+                                   "split": args.split}.items() if v is not None},
+    }
+    cfg = RunConfig.build(args.config, preset=args.preset, overrides=overrides, model=args.model)
     out = args.out or Path("outputs") / f"run-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     summary = run_method(cfg, out, overwrite=args.overwrite)
     print(summary["table"])
@@ -175,7 +258,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
     print(f"  {'summary':<12} {out / 'summary.json'}")
 
 
-COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "inspect": _cmd_inspect, "train": _cmd_train, "eval": _cmd_eval}
+COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "sample": _cmd_sample, "rank": _cmd_rank,
+            "inspect": _cmd_inspect, "train": _cmd_train, "eval": _cmd_eval, "prefect": _cmd_prefect}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

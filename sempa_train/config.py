@@ -308,3 +308,103 @@ class EvalConfig(StageConfig):
             raise ValueError("tasks must name at least one STS task")
         for task in self.tasks:
             _check_choice("task", task, STS_TASKS)
+
+
+BACKENDS = ("auto", "vllm", "transformers")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig(StageConfig):
+    """On-policy paraphrase candidates: n samples per premise from the policy model.
+
+    Model and prompt: ``model``, ``template``, ``chat_template``. Sampling: ``n``, ``temperature``,
+    ``top_p``, ``max_tokens``, ``seed``. Work split: ``shard_size`` (premises per resumable shard),
+    ``max_premises``. Backend: ``backend``, ``batch_size`` and ``dtype``/``device`` (transformers),
+    ``gpu_memory_utilization``, ``max_model_len``, ``tensor_parallel_size`` (vLLM).
+    """
+
+    model: str = option("smollm2-135m-instruct", "policy model: built-in name, local folder, or Hub id")
+    backend: str = option("auto", "generation backend (auto: vllm when installed, else transformers)",
+                          choices=BACKENDS)
+    template: str = option("P1", "paraphrase template: P1-P5 or a custom text with {sentence}")
+    chat_template: str = option("auto", "wrap the prompt in the tokenizer's chat template (auto: when it has one)",
+                                choices=CHAT_MODES)
+    n: int = option(4, "candidates per premise")
+    temperature: float = option(1.0, "sampling temperature (0: greedy)")
+    top_p: float = option(0.95, "nucleus sampling mass")
+    max_tokens: int = option(64, "max new tokens per candidate")
+    seed: int = option(0, "base seed; each premise gets its own seed derived from it")
+    shard_size: int = option(64, "premises per shard (the unit of resumption)")
+    max_premises: int | None = option(None, "sample only the first N premises of the triples table")
+    batch_size: int = option(16, "prompts per generate call (transformers backend)")
+    dtype: str = option("auto", "weights dtype (auto: bfloat16 where supported, else float32)", choices=DTYPES)
+    device: str = option("auto", "transformers backend device (vLLM picks its own)", choices=DEVICES)
+    gpu_memory_utilization: float = option(0.85, "vLLM: fraction of GPU memory for weights + KV cache")
+    max_model_len: int = option(1024, "vLLM: max tokens of prompt + completion")
+    tensor_parallel_size: int = option(1, "vLLM: GPUs per engine (tensor parallel)")
+
+    def __post_init__(self) -> None:
+        _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("chat_template", self.chat_template, CHAT_MODES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("device", self.device, DEVICES)
+        resolve_template(self.template)
+        for name in ("n", "max_tokens", "shard_size", "batch_size", "max_model_len", "tensor_parallel_size"):
+            _check_positive(name, getattr(self, name))
+        _check_positive("temperature", self.temperature, allow_zero=True)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.max_premises is not None:
+            _check_positive("max_premises", self.max_premises)
+
+
+STRATEGIES = ("gold", "sampled", "hybrid")
+SCORERS = ("embedding", "policy", "nli")
+REJECTED = ("contradiction", "worst")
+
+
+@dataclasses.dataclass(frozen=True)
+class RankConfig(StageConfig):
+    """Preference triples from NLI triples and ranked candidates.
+
+    Strategy: ``strategy``, ``rejected``, ``hybrid_fraction``, ``template``, ``seed``. Scorer:
+    ``scorer``, ``scorer_model``. Filters: ``min_length_ratio``, ``max_length_ratio``,
+    ``drop_truncated``, ``min_margin``, ``contamination_dir`` + ``contamination_tasks``.
+    """
+
+    strategy: str = option("sampled", "gold: the paper's NLI pairs; sampled: best candidate as chosen; "
+                           "hybrid: a seeded hybrid_fraction of premises sampled, the rest gold", choices=STRATEGIES)
+    scorer: str = option("embedding", "embedding: sentence-transformers similarity; policy: the policy's own "
+                         "PromptEOL similarity; nli: entailment probability of a cross-encoder", choices=SCORERS)
+    scorer_model: str | None = option(None, "scorer model (default: all-minilm-l6-v2 for embedding, "
+                                      "smollm2-135m-instruct for policy; required for nli)")
+    rejected: str = option("contradiction", "rejected side of a sampled pair: the NLI contradiction "
+                           "or the worst-scored candidate", choices=REJECTED)
+    hybrid_fraction: float = option(0.5, "hybrid: fraction of premises that use the sampled pair")
+    template: str = option("P1", "paraphrase template of the prompt: P1-P5 or a custom text with {sentence}")
+    min_length_ratio: float = option(0.5, "drop candidates shorter than this x the premise (in words)")
+    max_length_ratio: float = option(2.0, "drop candidates longer than this x the premise (in words)")
+    drop_truncated: bool = option(True, "drop candidates that hit max_tokens")
+    min_margin: float | None = option(None, "drop pairs whose chosen - rejected score is below this")
+    contamination_dir: str | None = option(None, "SentEval data folder: drop pairs with a sentence of the "
+                                           "contamination_tasks (all splits present)")
+    contamination_tasks: tuple[str, ...] = option(("STSBenchmark", "SICKRelatedness"),
+                                                  "STS tasks checked for contamination")
+    seed: int = option(0, "seed of the hybrid split")
+
+    def __post_init__(self) -> None:
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("scorer", self.scorer, SCORERS)
+        _check_choice("rejected", self.rejected, REJECTED)
+        resolve_template(self.template)
+        if not 0 <= self.hybrid_fraction <= 1:
+            raise ValueError(f"hybrid_fraction must be in [0, 1], got {self.hybrid_fraction!r}")
+        if not 0 <= self.min_length_ratio <= self.max_length_ratio:
+            raise ValueError(f"need 0 <= min_length_ratio <= max_length_ratio, got "
+                             f"{self.min_length_ratio!r} and {self.max_length_ratio!r}")
+        if self.scorer == "nli" and not self.scorer_model:
+            raise ValueError("scorer 'nli' needs scorer_model (a cross-encoder with an entailment label)")
+        for task in self.contamination_tasks:
+            _check_choice("contamination task", task, STS_TASKS)

@@ -216,6 +216,14 @@ def load_tokenizer(path: Path, *, padding_side: str = "left") -> Any:
     return tokenizer
 
 
+def use_chat_template(mode: str, tokenizer: Any) -> bool:
+    """Resolve ``auto|on|off`` against whether the tokenizer has a chat template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "on" and not has_template:
+        raise ValueError("chat_template='on' but the tokenizer has no chat template; use 'off' or 'auto'")
+    return has_template if mode == "auto" else mode == "on"
+
+
 def load_causal_lm(
     name_or_path: str | Path,
     *,

@@ -45,8 +45,30 @@ PREFERENCE_SCHEMA = pl.Schema(
     }
 )
 
+# Paraphrase candidates sampled from the policy, n per premise, with generation metadata.
+CANDIDATES_SCHEMA = pl.Schema(
+    {
+        "premise_id": pl.String,
+        "premise": pl.String,
+        "candidate_idx": pl.Int64,  # 0..n-1 within the premise
+        "text": pl.String,  # cleaned candidate (first line, no "Paraphrase:" prefix or quotes)
+        "raw_text": pl.String,  # what the model generated
+        "finish_reason": pl.String,  # "stop" (end of sequence) or "length" (hit max_tokens)
+        "prompt_tokens": pl.Int64,
+        "completion_tokens": pl.Int64,
+        "backend": pl.String,  # vllm | transformers
+        "model": pl.String,
+        "template_id": pl.String,
+        "temperature": pl.Float64,
+        "top_p": pl.Float64,
+        "max_tokens": pl.Int64,
+        "seed": pl.Int64,  # the premise's own seed
+    }
+)
+
 SCHEMAS: dict[str, pl.Schema] = {
     "triples": TRIPLES_SCHEMA,
+    "candidates": CANDIDATES_SCHEMA,
     "preferences": PREFERENCE_SCHEMA,
 }
 

@@ -171,3 +171,28 @@ def load_tasks(tasks: tuple[str, ...], split: str, senteval_dir: Path | str | No
     if senteval_dir is None:
         return {task: load_mteb_task(task, split) for task in tasks}
     return {task: load_senteval_task(Path(senteval_dir), task, task_split(task, split)) for task in tasks}
+
+
+def evaluation_sentences(senteval_dir: Path | str, tasks: tuple[str, ...]) -> set[str]:
+    """Every sentence of the evaluation splits (dev and test) of ``tasks`` present in ``senteval_dir``.
+
+    Used as a contamination guard: training pairs that contain one of these are dropped. Splits whose
+    files are absent are skipped (the held-out test files are usually not on a development machine).
+    """
+    root = Path(senteval_dir)
+    if not root.is_dir():
+        raise STSDataError(f"{root}: SentEval data folder does not exist")
+    sentences: set[str] = set()
+    for task in tasks:
+        splits = ("test",) if task in STS_SUBSETS else ("dev", "test")
+        for split in splits:
+            try:
+                subsets = load_senteval_task(root, task, split)
+            except STSDataError as e:
+                if "missing" not in str(e):
+                    raise
+                continue
+            for sub in subsets:
+                sentences.update(sub.sent1)
+                sentences.update(sub.sent2)
+    return sentences

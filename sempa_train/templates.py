@@ -22,6 +22,9 @@ DEFAULT_PARAPHRASE_TEMPLATE = "P1"
 # Note the space before the colon and the trailing double quote: both are part of the recipe.
 PROMPTEOL_TEMPLATE = 'This sentence : "{sentence}" means in one word:"'
 
+# Ends a prompt when the model has no chat template, in sampling and in DPO training alike.
+PLAIN_SEPARATOR = "\n"
+
 _WHITESPACE = re.compile(r"\s+")
 
 

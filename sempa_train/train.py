@@ -34,11 +34,10 @@ from sempa_train.io import (
     write_json,
     write_text,
 )
-from sempa_train.models import load_tokenizer, resolve_device, resolve_model
+from sempa_train.models import load_tokenizer, resolve_device, resolve_model, use_chat_template
+from sempa_train.templates import PLAIN_SEPARATOR
 
 log = logging.getLogger(__name__)
-
-PLAIN_SEPARATOR = "\n"  # between prompt and answer when no chat template is used
 
 
 @dataclass(frozen=True)
@@ -69,14 +68,6 @@ def to_trl_records(df: pl.DataFrame, *, chat: bool) -> list[dict[str, Any]]:
         ]
     return [{"prompt": p + PLAIN_SEPARATOR, "chosen": c, "rejected": r}
             for p, c, r in df.select("prompt", "chosen", "rejected").iter_rows()]
-
-
-def use_chat_template(mode: str, tokenizer: Any) -> bool:
-    """Resolve ``auto|on|off`` against whether the tokenizer has a chat template."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if mode == "on" and not has_template:
-        raise ValueError("chat_template='on' but the tokenizer has no chat template; use 'off' or 'auto'")
-    return has_template if mode == "auto" else mode == "on"
 
 
 def summarize_log(history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from sempa_train.config import EmbedConfig, EvalConfig, PrepareConfig, TrainConfig
+from sempa_train.config import EmbedConfig, EvalConfig, PrepareConfig, RankConfig, SampleConfig, TrainConfig
 from sempa_train.evaluation import format_table, run_sts_eval
 from sempa_train.io import code_version, now_iso, write_json
 from sempa_train.prepare import prepare
@@ -29,42 +30,75 @@ from sempa_train.train import train_dpo
 log = logging.getLogger(__name__)
 
 
+SECTIONS = ("prepare", "sample", "rank", "train", "eval", "embed")
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """The configs of every stage of a run (a YAML file with sections prepare/train/eval/embed)."""
+    """The configs of every stage of a run; a YAML file has one section per stage
+    (``prepare``, ``sample``, ``rank``, ``train`` — which may name a ``preset`` —, ``eval``, ``embed``)."""
 
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig.preset("cpu"))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(tasks=("STSBenchmark",), split="dev"))
     embed: EmbedConfig = field(default_factory=EmbedConfig)
 
     @classmethod
-    def load(cls, path: Path) -> RunConfig:
-        """Read a YAML file with sections ``prepare``, ``train`` (may name a ``preset``), ``eval``, ``embed``."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        unknown = set(values) - {"prepare", "train", "eval", "embed"}
+    def build(
+        cls,
+        config_file: Path | str | None = None,
+        *,
+        preset: str | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        model: str | None = None,
+    ) -> RunConfig:
+        """Defaults, then the YAML file, then the train ``preset``, then per-section ``overrides``;
+        ``model`` sets the policy everywhere (train, sample, and the policy scorer)."""
+        values: dict[str, Any] = {}
+        where = "overrides"
+        if config_file is not None:
+            path = Path(config_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file {path} does not exist")
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: a run config must be a mapping of sections")
+            where = str(path)
+        merged = {section: dict(values.get(section) or {}) for section in SECTIONS}
+        unknown = sorted(set(values) - set(SECTIONS)) + sorted(set(overrides or {}) - set(SECTIONS))
         if unknown:
-            raise ValueError(
-                f"{path}: unknown section(s) {', '.join(sorted(unknown))}; known: prepare, train, eval, embed")
+            raise ValueError(f"{where}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+        for section, fields in (overrides or {}).items():
+            merged[section].update(fields)
         default = cls()
+        train_preset = merged["train"].pop("preset", None) or preset
+        if model is not None:
+            merged["train"]["model"] = merged["sample"]["model"] = model
         try:
-            train_values = dict(values.get("train") or {})
-            train_base = TrainConfig.preset(train_values.pop("preset")) if "preset" in train_values else default.train
-            return cls(
-                prepare=PrepareConfig.from_dict(values.get("prepare") or {}, base=default.prepare),
-                train=TrainConfig.from_dict(train_values, base=train_base),
-                eval=EvalConfig.from_dict(values.get("eval") or {}, base=default.eval),
-                embed=EmbedConfig.from_dict(values.get("embed") or {}, base=default.embed),
+            built = cls(
+                prepare=PrepareConfig.from_dict(merged["prepare"]),
+                sample=SampleConfig.from_dict(merged["sample"]),
+                rank=RankConfig.from_dict(merged["rank"]),
+                train=TrainConfig.from_dict(merged["train"],
+                                            base=TrainConfig.preset(train_preset) if train_preset else default.train),
+                eval=EvalConfig.from_dict(merged["eval"], base=default.eval),
+                embed=EmbedConfig.from_dict(merged["embed"]),
             )
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
+            raise ValueError(f"{where}: {e}") from e
+        if model is not None and built.rank.scorer == "policy" and built.rank.scorer_model is None:
+            built = replace(built, rank=built.rank.replace(scorer_model=model))
+        return built
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        """Read a YAML run config (see ``build``)."""
+        return cls.build(path)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"prepare": self.prepare.to_dict(), "train": self.train.to_dict(), "eval": self.eval.to_dict(),
-                "embed": self.embed.to_dict()}
+        return {section: getattr(self, section).to_dict() for section in SECTIONS}
 
 
 def run_method(cfg: RunConfig, out_dir: Path, *, overwrite: bool = False) -> dict[str, Any]:

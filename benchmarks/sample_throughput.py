@@ -1,0 +1,93 @@
+"""Candidate sampling throughput: vLLM backend against transformers backend, side by side in one run.
+
+    python -m benchmarks.sample_throughput --nli ../shared/data/nli/snli/validation.jsonl --sizes 16,512
+
+Same model (SmolLM2-135M-Instruct by default), same prompts (the first N premises of the SNLI file
+in template P1 through the chat template), same sampling settings (n=4, temperature 1.0, top_p
+0.95, max 64 new tokens, per-premise seeds). Each backend is built once; for every size it
+generates the candidates of the same premises. Reported per backend and size: generation seconds,
+candidates per second, generated tokens per second, and end-to-end candidates per second with
+the one-off start-up cost (model load or engine start) included. Writes
+``benchmarks/results/sample_throughput[-<device>].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from benchmarks.common import dumps, save
+from sempa_train.config import SampleConfig
+from sempa_train.models import load_tokenizer, resolve_model, use_chat_template
+from sempa_train.sampling import build_backend, paraphrase_prompt, premise_seed
+from sempa_train.sources import group_triples, read_nli
+from sempa_train.templates import PARAPHRASE_TEMPLATES
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nli", default="../shared/data/nli/snli/validation.jsonl")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--sizes", default="16,512", help="comma-separated premise counts")
+    parser.add_argument("--backends", default="vllm,transformers")
+    parser.add_argument("--batch-size", type=int, default=16, help="transformers: prompts per generate call")
+    parser.add_argument("--tag", default="", help="suffix of the result file (e.g. h100)")
+    args = parser.parse_args()
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    triples = group_triples(read_nli(args.nli)).table.head(max(sizes))
+    cfg = SampleConfig(model=args.model, n=4, temperature=1.0, top_p=0.95, max_tokens=64, seed=0,
+                       batch_size=args.batch_size)
+    model_path = resolve_model(args.model)
+    tokenizer = load_tokenizer(model_path)
+    chat = use_chat_template("auto", tokenizer)
+    texts = [paraphrase_prompt(p, PARAPHRASE_TEMPLATES["P1"], tokenizer, chat=chat) for p in triples["premise"]]
+    prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    seeds = [premise_seed(cfg.seed, pid) for pid in triples["premise_id"]]
+
+    results: dict[str, dict[str, object]] = {}
+    for name in args.backends.split(","):
+        start = time.perf_counter()
+        backend = build_backend(cfg.replace(backend=name), model_path, name)
+        startup = time.perf_counter() - start
+        results[name] = {"startup_seconds": round(startup, 1)}
+        for size in sizes:
+            start = time.perf_counter()
+            generations = backend.generate(prompts[:size], seeds[:size], cfg)
+            seconds = time.perf_counter() - start
+            candidates = sum(len(g) for g in generations)
+            tokens = sum(c.completion_tokens for g in generations for c in g)
+            results[name][str(size)] = {
+                "premises": size, "candidates": candidates, "generated_tokens": tokens,
+                "seconds": round(seconds, 1),
+                "candidates_per_second": round(candidates / seconds, 2),
+                "tokens_per_second": round(tokens / seconds, 1),
+                "candidates_per_second_with_startup": round(candidates / (seconds + startup), 2),
+            }
+            print(f"{name} {size}: {seconds:.1f}s, {candidates / seconds:.2f} candidates/s, "
+                  f"{tokens / seconds:.0f} tokens/s", flush=True)
+        if hasattr(backend, "close"):
+            backend.close()
+        del backend
+
+    ratios = {}
+    if {"vllm", "transformers"} <= set(results):
+        for size in sizes:
+            v, t = results["vllm"][str(size)], results["transformers"][str(size)]
+            ratios[str(size)] = {
+                "generation": round(v["candidates_per_second"] / t["candidates_per_second"], 2),
+                "with_startup": round(v["candidates_per_second_with_startup"]
+                                      / t["candidates_per_second_with_startup"], 2),
+            }
+    result = {"model": args.model, "settings": {"n": 4, "temperature": 1.0, "top_p": 0.95, "max_tokens": 64,
+                                                "transformers_batch_size": args.batch_size},
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "results": results,
+              "vllm_over_transformers": ratios}
+    path = save("sample_throughput" + (f"-{args.tag}" if args.tag else ""), result)
+    print(dumps(result))
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Prefect tasks: thin wrappers that add retries, caching, subprocesses and artifacts to ``sempa_train`` stages.
+
+Every stage writes into ``Store.stage_dir(stage, key)`` where ``key`` hashes the stage config and the
+content hashes of its inputs. The task's Prefect cache key is that same key, so a re-run with the
+same inputs shows the stage as Cached and resumes at the first stage whose output is missing. The
+flow passes ``refresh_cache`` when the folder is gone, so a cached result never points at nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.context import FlowRunContext, TaskRunContext
+
+from sempa_train.config import EmbedConfig, EvalConfig, PrepareConfig, RankConfig, SampleConfig, TrainConfig
+from sempa_train.evaluation import run_sts_eval
+from sempa_train.io import read_manifest
+from sempa_train.prepare import prepare
+from sempa_train.procs import call_in_subprocess
+from sempa_train.ranking import rank
+from sempa_train.sampling import sample_candidates, work_dir_for
+from sempa_train.train import train_dpo
+
+
+def by_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect cache key: the content key the flow computed (never a path)."""
+    return f"{context.task.name}-{parameters['key']}"
+
+
+STAGE_TASK = {"retries": 2, "retry_delay_seconds": 5, "cache_key_fn": by_key, "persist_result": True}
+
+
+def dataset_artifact(path: Path, title: str) -> None:
+    """A table artifact with a dataset's counts and drop reasons (only inside a flow or task run)."""
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return
+    manifest = read_manifest(path)
+    rows = [{"what": k, "count": v} for k, v in manifest.get("counts", {}).items()]
+    rows += [{"what": f"dropped: {k}", "count": v} for k, v in manifest.get("drops", {}).items()]
+    create_table_artifact(table=rows, key=None, description=f"{title}: {path}")
+
+
+@task(name="prepare", **STAGE_TASK)
+def prepare_task(cfg: PrepareConfig, out: str, key: str) -> str:
+    """NLI source → triples + gold preferences."""
+    if Path(out).exists():  # complete (stage folders appear atomically): a Prefect cache miss only
+        return out
+    result = prepare(cfg, Path(out), overwrite=True)
+    dataset_artifact(result.triples_dir, "NLI triples")
+    return out
+
+
+@task(name="sample", **STAGE_TASK)
+def sample_task(cfg: SampleConfig, triples: str, out: str, key: str) -> str:
+    """Paraphrase candidates (in a subprocess), with a progress artifact fed from the finished shards."""
+    if Path(out).exists():
+        return out
+    progress = create_progress_artifact(progress=0.0, description=f"sampling candidates into {out}")
+    stop = threading.Event()
+    work = work_dir_for(Path(out))
+    total = _premise_count(triples, cfg.max_premises)
+    shards = max(1, -(-total // cfg.shard_size))
+
+    def watch() -> None:
+        while not stop.wait(2.0):
+            done = len(list(work.glob("shard-*.parquet"))) if work.is_dir() else 0
+            update_progress_artifact(progress, progress=100.0 * done / shards)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        call_in_subprocess(sample_candidates, cfg, Path(triples), Path(out), overwrite=True, show_progress=False)
+    finally:
+        stop.set()
+        watcher.join()
+    update_progress_artifact(progress, progress=100.0)
+    dataset_artifact(Path(out), "candidates")
+    return out
+
+
+def _premise_count(triples: str, limit: int | None) -> int:
+    n = int(read_manifest(Path(triples)).get("counts", {}).get("premises_kept", 0))
+    return min(n, limit) if limit else n
+
+
+@task(name="rank", **STAGE_TASK)
+def rank_task(cfg: RankConfig, triples: str | None, candidates: str | None, out: str, key: str) -> str:
+    """Scored, filtered preference triples (scorer loaded in a subprocess)."""
+    if Path(out).exists():
+        return out
+    call_in_subprocess(rank, cfg, Path(out), triples=Path(triples) if triples else None,
+                       candidates=Path(candidates) if candidates else None, overwrite=True)
+    dataset_artifact(Path(out), "preference triples")
+    return out
+
+
+@task(name="train", **STAGE_TASK)
+def train_task(cfg: TrainConfig, data: str, out: str, key: str) -> str:
+    """DPO + LoRA in a subprocess (its memory is returned when it ends)."""
+    if Path(out).exists():
+        return out
+    call_in_subprocess(train_dpo, cfg, Path(data), Path(out), overwrite=True)
+    return out
+
+
+@task(name="evaluate", retries=1, retry_delay_seconds=5)
+def evaluate_task(model: str, adapter: str | None, cfg: EvalConfig, embed: EmbedConfig, out: str) -> dict[str, Any]:
+    """STS evaluation of one model (+ adapter) in a subprocess; writes ``out`` (JSON)."""
+    return call_in_subprocess(run_sts_eval, model, cfg, embed, adapter=adapter, out=Path(out))

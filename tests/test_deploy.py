@@ -1,0 +1,73 @@
+"""The product as users run it: a fresh Prefect server on 127.0.0.1, flows.yaml deployed, a worker,
+and `prefect deployment run sempa/full` on a tiny-model parameter set, waited on until Completed."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import SAMPLE_NLI
+from test_sts import make_senteval
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def local_prefect(tmp_path, monkeypatch):
+    from pipelines.local import LocalPrefect
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "2")
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    local = LocalPrefect(port=free_port(), state_dir=tmp_path / "prefect-state")
+    try:
+        yield local
+    finally:
+        local.down()
+        assert not local.healthy()
+
+
+def test_deployment_run_full_completes(local_prefect, tiny_model_dir, tmp_path):
+    local_prefect.up()
+    status = local_prefect.status()
+    assert status["server_healthy"] and status["worker_running"]
+    deployments = local_prefect.prefect("deployment", "ls").stdout
+    assert "sempa/full" in deployments and "sempa/refresh" in deployments and "sempa/evaluate" in deployments
+
+    root = tmp_path / "store"
+    params = {
+        "model": str(tiny_model_dir),
+        "prepare": {"source": str(SAMPLE_NLI), "max_premises": 8},
+        "sample": {"backend": "transformers", "n": 2, "max_tokens": 12, "shard_size": 4, "dtype": "float32"},
+        "rank": {"strategy": "sampled", "min_length_ratio": 0.0, "max_length_ratio": 100.0,
+                 "drop_truncated": False},
+        "train": {"max_steps": 1, "batch_size": 2},
+        "eval": {"senteval_dir": str(make_senteval(tmp_path / "senteval")), "tasks": ["STSBenchmark"],
+                 "split": "dev"},
+        "embed": {"dtype": "float32"},
+        "root": str(root),
+    }
+    assert local_prefect.run_deployment("full", params, timeout=900) == 0  # --watch exits 0 on Completed
+
+    version = root / "datasets" / "default" / "v0001"
+    prefs = pl.read_parquet(version / "preferences" / "data.parquet")
+    assert prefs.height > 0 and {"prompt", "chosen", "rejected"} <= set(prefs.columns)
+    [summary] = list((root / "eval").glob("*/summary.json"))
+    results = json.loads(summary.read_text())
+    assert "STSBenchmark" in results["tuned"]["tasks"] and "STSBenchmark" in results["base"]["tasks"]
+    assert json.loads((summary.parent / "tuned.json").read_text())["adapter"].endswith("adapter")
+
+
+def test_unreachable_server_says_how_to_start_it(tmp_path):
+    from pipelines.local import LocalPrefect, PrefectUnavailableError
+
+    local = LocalPrefect(port=free_port(), state_dir=tmp_path)
+    with pytest.raises(PrefectUnavailableError, match="sempa prefect up"):
+        local.run_deployment("full")

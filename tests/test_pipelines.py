@@ -1,0 +1,116 @@
+"""The Prefect flow in-process (one session-scoped test server), and the task logic through ``.fn()``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import SAMPLE_NLI
+from test_sts import make_senteval
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.settings import (
+        PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120), temporary_settings(
+        {PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED: False}
+    ):
+        yield
+
+
+def tiny_params(tiny_model_dir: Path, senteval: Path, root: Path, **train) -> dict:
+    return {
+        "model": str(tiny_model_dir),
+        "prepare": {"source": str(SAMPLE_NLI), "max_premises": 12},
+        "sample": {"backend": "transformers", "n": 2, "max_tokens": 16, "shard_size": 6, "dtype": "float32"},
+        "rank": {"strategy": "sampled", "min_length_ratio": 0.0, "max_length_ratio": 100.0, "drop_truncated": False},
+        "train": {"max_steps": 1, "batch_size": 2, **train},
+        "eval": {"senteval_dir": str(senteval), "tasks": ["STSBenchmark"], "split": "dev"},
+        "embed": {"dtype": "float32"},
+        "root": str(root),
+        "dataset": "tiny",
+    }
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+def test_full_flow_fails_at_train_then_resumes_from_cache(prefect_harness, tiny_model_dir, tmp_path):
+    from pipelines.flows import sempa
+
+    senteval = make_senteval(tmp_path / "senteval")
+    root = tmp_path / "store"
+    params = tiny_params(tiny_model_dir, senteval, root)
+    broken = {**params, "train": {**params["train"], "model": str(tmp_path / "no-such-model")}}
+    broken["model"] = None
+    broken["sample"] = {**params["sample"], "model": str(tiny_model_dir)}
+
+    state = sempa(**broken, return_state=True)
+    assert state.is_failed()
+    assert "no-such-model" in str(state.result(raise_on_failure=False))
+    first = task_states(state.state_details.flow_run_id)
+    assert first["prepare"] == "Completed" and first["sample"] == "Completed" and first["rank"] == "Completed"
+
+    state = sempa(**params, return_state=True)
+    assert state.is_completed(), state
+    second = task_states(state.state_details.flow_run_id)
+    assert second["prepare"] == "Cached" and second["sample"] == "Cached" and second["rank"] == "Cached"
+    assert second["train"] == "Completed" and second["evaluate"] == "Completed"
+
+    outputs = state.result()
+    prefs = pl.read_parquet(Path(outputs["preferences"]) / "data.parquet")
+    assert prefs.height > 0 and set(prefs["chosen_origin"]) == {"sampled"}
+    assert Path(outputs["dataset_version"]).parent.name == "tiny"
+    model_manifest = json.loads((Path(outputs["model_dir"]) / "manifest.json").read_text())
+    assert model_manifest["data"] == outputs["preferences"]  # the model names its data version
+    summary = json.loads((Path(outputs["eval_dir"]) / "summary.json").read_text())
+    assert set(summary) >= {"base", "tuned", "table"} and "STSBenchmark" in summary["tuned"]["tasks"]
+
+
+def test_refresh_twice_makes_two_versions(prefect_harness, tiny_model_dir, tmp_path):
+    from pipelines.flows import sempa
+    from sempa_train.store import Store
+
+    params = tiny_params(tiny_model_dir, tmp_path, tmp_path / "store")
+    params.pop("eval")
+    for _ in range(2):
+        sempa(stages=["prepare", "sample", "rank"], **params)
+    store = Store(tmp_path / "store")
+    assert store.versions("tiny") == ["v0001", "v0002"]
+    assert store.latest("tiny").name == "v0002"
+    manifest = json.loads((store.latest("tiny") / "manifest.json").read_text())
+    assert set(manifest["parts"]) == {"triples", "candidates", "preferences"}
+
+
+def test_bad_parameters_fail_before_any_stage(prefect_harness, tmp_path):
+    from pipelines.flows import sempa
+
+    state = sempa(rank={"strategy": "best"}, root=str(tmp_path), return_state=True)
+    assert state.is_failed() and "strategy must be one of gold, sampled, hybrid, got 'best'" in str(
+        state.result(raise_on_failure=False))
+    assert not (tmp_path / "stages").exists()
+
+
+def test_task_logic_through_fn(prefect_harness, tmp_path):
+    from pipelines.tasks import prepare_task
+    from sempa_train.config import PrepareConfig
+
+    out = tmp_path / "prep"
+    assert prepare_task.fn(PrepareConfig(source=str(SAMPLE_NLI)), str(out), "k") == str(out)
+    assert pl.read_parquet(out / "preferences" / "data.parquet").height == 64
+    mtime = (out / "triples" / "data.parquet").stat().st_mtime_ns
+    prepare_task.fn(PrepareConfig(source=str(SAMPLE_NLI)), str(out), "k")  # complete output: reused
+    assert (out / "triples" / "data.parquet").stat().st_mtime_ns == mtime

@@ -1,0 +1,196 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+
+from sempa_train.config import PrepareConfig, SampleConfig
+from sempa_train.io import read_dataset
+from sempa_train.models import load_tokenizer
+from sempa_train.prepare import prepare
+from sempa_train.sampling import (
+    Generation,
+    TransformersBackend,
+    VLLMBackend,
+    build_backend,
+    clean_candidate,
+    paraphrase_prompt,
+    plan_shards,
+    premise_seed,
+    run_shards,
+    sample_candidates,
+    vllm_available,
+    work_dir_for,
+)
+from sempa_train.schemas import CANDIDATES_SCHEMA
+from sempa_train.templates import PARAPHRASE_TEMPLATES
+
+REQUIRE_VLLM = os.environ.get("SEMPA_REQUIRE_VLLM") == "1"  # set by .ci/run: no silent skip in CI
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("A dog is running in a park.", "A dog is running in a park."),
+        ('"A dog is running in a park."', "A dog is running in a park."),
+        ("Paraphrase: A dog runs.", "A dog runs."),
+        ("Sure! Here's a paraphrase: “The dog runs.”", "The dog runs."),
+        ("Rewritten sentence:\n\nThe dog runs.\nMore text here.", "The dog runs."),
+        ("The dog runs.\nExplanation: I changed the verb.", "The dog runs."),
+        ("  The   dog\truns.  ", "The dog runs."),
+        ('"The dog runs.', "The dog runs."),
+        ("The dog runs.\"", "The dog runs."),
+        ("It's the dog's ball.", "It's the dog's ball."),
+        ("\n\n", ""),
+        ("Paraphrase:", ""),
+    ],
+)
+def test_clean_candidate(raw, clean):
+    assert clean_candidate(raw) == clean
+
+
+def test_prompts_use_the_chat_template(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    chat = paraphrase_prompt("A cat sleeps.", PARAPHRASE_TEMPLATES["P1"], tokenizer, chat=True)
+    assert chat == ('<|im_start|>user\nKeep the same meaning of this sentence: "A cat sleeps.", while making some '
+                    "changes.<|im_end|>\n<|im_start|>assistant\n")
+    assert paraphrase_prompt("A cat sleeps.", "Say {sentence}", tokenizer, chat=False) == "Say A cat sleeps.\n"
+
+
+def test_premise_seed_is_stable_and_distinct():
+    assert premise_seed(0, "abc") == premise_seed(0, "abc")
+    assert len({premise_seed(0, "abc"), premise_seed(1, "abc"), premise_seed(0, "abd")}) == 3
+
+
+@pytest.fixture(scope="module")
+def tiny_triples(tiny_model_dir, tmp_path_factory):
+    from conftest import SAMPLE_NLI
+
+    out = tmp_path_factory.mktemp("triples") / "sample"
+    return prepare(PrepareConfig(source=str(SAMPLE_NLI)), out).triples_dir
+
+
+def cfg_for(model_dir, **kw) -> SampleConfig:
+    base = {"model": str(model_dir), "backend": "transformers", "n": 3, "max_tokens": 12, "shard_size": 8,
+            "dtype": "float32"}
+    return SampleConfig(**{**base, **kw})
+
+
+def check_contract(backend, tokenizer, cfg):
+    prompts = tokenizer(["<|im_start|>user\nA dog runs.<|im_end|>\n<|im_start|>assistant\n", "Hi there.\n"],
+                        add_special_tokens=False)["input_ids"]
+    out = backend.generate(prompts, [1, 2], cfg)
+    assert len(out) == 2 and all(len(gens) == cfg.n for gens in out)
+    for g in (g for gens in out for g in gens):
+        assert isinstance(g, Generation) and isinstance(g.text, str)
+        assert 1 <= g.completion_tokens <= cfg.max_tokens and g.finish_reason in ("stop", "length")
+        assert g.finish_reason == "stop" or g.completion_tokens == cfg.max_tokens
+    assert backend.generate(prompts, [1, 2], cfg) == out  # seeded: reproducible
+    return out
+
+
+def test_transformers_backend_contract(tiny_model_dir):
+    cfg = cfg_for(tiny_model_dir)
+    backend = build_backend(cfg, tiny_model_dir, "transformers")
+    assert isinstance(backend, TransformersBackend)
+    check_contract(backend, load_tokenizer(tiny_model_dir), cfg)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not vllm_available() and not REQUIRE_VLLM, reason="vLLM not installed")
+def test_vllm_backend_contract_and_sample(tiny_model_dir, tiny_triples, tmp_path):
+    cfg = cfg_for(tiny_model_dir, backend="vllm", max_model_len=256)
+    backend = build_backend(cfg, tiny_model_dir, "vllm")
+    assert isinstance(backend, VLLMBackend)
+    out = check_contract(backend, load_tokenizer(tiny_model_dir), cfg)
+    # per-request seeds: a prompt's output does not depend on its batch
+    alone = backend.generate(load_tokenizer(tiny_model_dir)(["Hi there.\n"], add_special_tokens=False)["input_ids"],
+                             [2], cfg)
+    assert alone[0] == out[1]
+    backend.close()
+    # the stage itself, engine in a child process
+    result = sample_candidates(cfg.replace(max_premises=8), tiny_triples, tmp_path / "cand", show_progress=False)
+    table = read_dataset(result.out_dir, "candidates")
+    assert table.height == 8 * 3 and set(table["backend"]) == {"vllm"}
+
+
+def test_sample_writes_candidates_with_metadata(tiny_model_dir, tiny_triples, tmp_path):
+    cfg = cfg_for(tiny_model_dir, max_premises=20)
+    result = sample_candidates(cfg, tiny_triples, tmp_path / "cand", show_progress=False)
+    table = read_dataset(result.out_dir, "candidates")
+    assert table.schema == CANDIDATES_SCHEMA
+    assert table.height == 20 * 3 and table["premise_id"].n_unique() == 20
+    assert table.group_by("premise_id").len()["len"].to_list() == [3] * 20
+    assert set(table["backend"]) == {"transformers"} and set(table["max_tokens"]) == {12}
+    assert result.counts["shards"] == 3
+    assert not work_dir_for(result.out_dir).exists()  # shards removed once assembled
+    assert "truncated" in (result.out_dir / "README.md").read_text()
+    with pytest.raises(FileExistsError):
+        sample_candidates(cfg, tiny_triples, tmp_path / "cand")
+
+
+def test_resume_after_failure_skips_finished_shards(tiny_model_dir, tiny_triples, tmp_path):
+    cfg = cfg_for(tiny_model_dir, max_premises=24)
+    reference = read_dataset(sample_candidates(cfg, tiny_triples, tmp_path / "ref", show_progress=False).out_dir,
+                             "candidates")
+    out = tmp_path / "cand"
+
+    def crash_after_two(cfg, plan, backend):
+        run_shards(cfg, plan.__class__(plan.work_dir, plan.premise_ids[:16], plan.premises[:16], plan.shard_size),
+                   backend, show_progress=False)
+        raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError, match="worker died"):
+        sample_candidates(cfg, tiny_triples, out, shard_runner=crash_after_two)
+    plan = plan_shards(cfg, tiny_triples, out)
+    assert plan.pending() == [2]
+    before = {i: plan.shard_path(i).stat().st_mtime_ns for i in (0, 1)}
+    calls = []
+
+    def record(cfg, plan, backend):
+        calls.append(plan.pending())
+        run_shards(cfg, plan, backend, show_progress=False)
+        assert all(plan.shard_path(i).stat().st_mtime_ns == before[i] for i in (0, 1))
+
+    table = read_dataset(sample_candidates(cfg, tiny_triples, out, shard_runner=record).out_dir, "candidates")
+    assert calls == [[2]]
+    assert table.equals(reference)
+
+
+def test_changed_config_does_not_mix_shards(tiny_model_dir, tiny_triples, tmp_path):
+    out = tmp_path / "cand"
+    plan_shards(cfg_for(tiny_model_dir), tiny_triples, out)
+    with pytest.raises(ValueError, match="another config"):
+        plan_shards(cfg_for(tiny_model_dir, n=5), tiny_triples, out)
+
+
+def test_kill_9_midway_then_resume(tiny_model_dir, tiny_triples, tmp_path):
+    """A real ``sempa sample`` process killed with SIGKILL loses at most its current shard."""
+    out = tmp_path / "cand"
+    args = [sys.executable, "-m", "sempa_train.cli", "sample", "--triples", str(tiny_triples), "--out", str(out),
+            "--model", str(tiny_model_dir), "--backend", "transformers", "--n", "2", "--max-tokens", "48",
+            "--shard-size", "2", "--batch-size", "1", "--dtype", "float32"]
+    work = work_dir_for(out)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(work.glob("shard-*.parquet"))) < 2 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = sorted(p.name for p in work.glob("shard-*.parquet"))
+    assert 0 < len(finished) < 32, "the run should have been killed halfway"
+
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming, {len(finished)} of 32 shards already done" in result.stderr
+    table = pl.read_parquet(out / "data.parquet")
+    uninterrupted = sample_candidates(
+        SampleConfig(model=str(tiny_model_dir), backend="transformers", n=2, max_tokens=48, shard_size=2,
+                     batch_size=1, dtype="float32"),
+        tiny_triples, tmp_path / "ref", show_progress=False)
+    reference = pl.read_parquet(uninterrupted.out_dir / "data.parquet")
+    assert table["premise_id"].to_list() == reference["premise_id"].to_list()
+    assert table.equals(reference)
