@@ -15,52 +15,18 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 SAMPLE_NLI = REPO / "data" / "nli_sample.jsonl"
 
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 def _corpus() -> list[str]:
-    from sempa_train.templates import PARAPHRASE_TEMPLATES, PROMPTEOL_TEMPLATE
-
     lines = [json.loads(line) for line in SAMPLE_NLI.read_text().splitlines()]
-    texts = [r["premise"] for r in lines] + [r["hypothesis"] for r in lines]
-    return texts + list(PARAPHRASE_TEMPLATES.values()) + [PROMPTEOL_TEMPLATE] * 5
+    return [r["premise"] for r in lines] + [r["hypothesis"] for r in lines]
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Llama (hidden 128, head size 64) and a 600-token byte-level BPE tokenizer."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from sempa_train.testing import build_tiny_llama
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(_corpus(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, unk_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
-        bos_token="<|im_start|>",
-    )
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(out)
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), _corpus())
 
 
 @pytest.fixture(scope="session")
