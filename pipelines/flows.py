@@ -22,8 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from pipelines.tasks import evaluate_task, prepare_task, rank_task, sample_task, train_task
-from sempa_train.evaluation import format_table
-from sempa_train.io import file_sha256, write_json
+from sempa_train.io import file_sha256
 from sempa_train.store import Store, content_key, dataset_hash
 from sempa_train.workflow import RunConfig
 
@@ -108,24 +107,18 @@ def sempa(
 
     if "evaluate" in stages:
         policy = model or cfg.train.model
-        key = content_key("evaluate", {"model": policy, "eval": cfg.eval.to_dict(), "embed": cfg.embed.to_dict()},
-                          {"adapter": file_sha256(Path(tuned_adapter) / "adapter_model.safetensors")}
-                          if tuned_adapter else {})
+        adapter_hash = {"adapter": file_sha256(Path(tuned_adapter) / "adapter_model.safetensors")} if tuned_adapter \
+            else {}
+        key = content_key("evaluate", {"model": policy, **{s: getattr(cfg, s).to_dict()
+                                                          for s in ("eval", "embed", "retention", "gates")}},
+                          adapter_hash)
         eval_dir = store.root / "eval" / key
-        base = evaluate_task(policy, None, cfg.eval, cfg.embed, str(eval_dir / "base.json"))
-        results = {"base": base}
-        if tuned_adapter:
-            results["tuned"] = evaluate_task(policy, tuned_adapter, cfg.eval, cfg.embed, str(eval_dir / "tuned.json"))
-        table = format_table(results["tuned"], compare=base) if tuned_adapter else format_table(base)
-        summary = {"table": table, **{k: {"avg": v["avg"], "tasks": v["tasks"]} for k, v in results.items()}}
-        write_json(eval_dir / "summary.json", summary)
-        create_markdown_artifact(
-            key="sts-evaluation",
-            markdown=f"## STS evaluation (Spearman x 100)\n\n```\n{table}\n```\n\nFiles: `{eval_dir}`\n",
-            description=f"{policy}" + (f" + {tuned_adapter}" if tuned_adapter else ""),
-        )
-        outputs.update(eval_dir=str(eval_dir), sts=summary)
-        print(table)
+        inputs = {k: v for k, v in {"preferences": str(preferences) if preferences else None,
+                                    "train_log": str(Path(outputs["model_dir"]) / "train_log.jsonl")
+                                    if "model_dir" in outputs else None}.items() if v}
+        summary = evaluate_task(policy, tuned_adapter, cfg, str(eval_dir), inputs)
+        outputs.update(eval_dir=str(eval_dir), report=str(eval_dir / "report.md"), sts=summary["sts"])
+        print(summary["sts"]["table"])
 
     create_markdown_artifact(
         key="outputs", description="where this run's files are",

@@ -13,17 +13,23 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.context import FlowRunContext, TaskRunContext
 
-from sempa_train.config import EmbedConfig, EvalConfig, PrepareConfig, RankConfig, SampleConfig, TrainConfig
-from sempa_train.evaluation import run_sts_eval
+from sempa_train.assessment import assess
+from sempa_train.config import PrepareConfig, RankConfig, SampleConfig, TrainConfig
 from sempa_train.io import read_manifest
 from sempa_train.prepare import prepare
 from sempa_train.procs import call_in_subprocess
 from sempa_train.ranking import rank
 from sempa_train.sampling import sample_candidates, work_dir_for
 from sempa_train.train import train_dpo
+from sempa_train.workflow import RunConfig
 
 
 def by_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -107,7 +113,18 @@ def train_task(cfg: TrainConfig, data: str, out: str, key: str) -> str:
     return out
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=5)
-def evaluate_task(model: str, adapter: str | None, cfg: EvalConfig, embed: EmbedConfig, out: str) -> dict[str, Any]:
-    """STS evaluation of one model (+ adapter) in a subprocess; writes ``out`` (JSON)."""
-    return call_in_subprocess(run_sts_eval, model, cfg, embed, adapter=adapter, out=Path(out))
+@task(name="evaluate")
+def evaluate_task(model: str, adapter: str | None, cfg: RunConfig, out: str, inputs: dict[str, str]) -> dict[str, Any]:
+    """STS (base and tuned), retention probes, gates and report, in a subprocess; a failed gate fails the task."""
+    summary = call_in_subprocess(assess, model, adapter, Path(out), eval_cfg=cfg.eval, embed=cfg.embed,
+                                 retention=cfg.retention, gates=cfg.gates, inputs=inputs)
+    table = summary["sts"]["table"]
+    retention = summary.get("retention", {}).get("compare")
+    extra = f"\n\nPerplexity ratio (tuned / base): {retention['perplexity_ratio']:.3f}" if retention else ""
+    if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+        create_markdown_artifact(
+            key="sts-evaluation", description=f"{model}" + (f" + {adapter}" if adapter else ""),
+            markdown=f"## STS evaluation (Spearman x 100)\n\n```\n{table}\n```{extra}\n\n"
+                     f"Report: `{Path(out) / 'report.md'}`\n",
+        )
+    return summary

@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=4200, help="server port on 127.0.0.1 (default 4200)")
     p.add_argument("--state-dir", type=Path, default=Path("outputs/prefect"), help="pid files and logs")
 
+    p = sub.add_parser("report", help="rebuild report.md and its plots from an evaluation folder",
+                       description="Rebuild report.md and its PNG plots from the saved outputs of an evaluation "
+                       "folder (OUT/eval of sempa run, or the eval folder of a flow run).")
+    p.add_argument("path", type=Path, help="evaluation folder (holds summary.json), or a run folder with eval/")
+
     p = sub.add_parser("inspect", help="polars summary of a dataset folder or Parquet file")
     p.add_argument("path", type=Path)
     p.add_argument("--rows", type=int, default=5, help="rows to show (default 5)")
@@ -207,6 +212,13 @@ def _cmd_prefect(args: argparse.Namespace) -> None:
         raise RuntimeError(str(e)) from e
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from sempa_train.report import build_report
+
+    folder = args.path / "eval" if (args.path / "eval" / "summary.json").is_file() else args.path
+    print(f"report: {build_report(folder)}")
+
+
 def _cmd_inspect(args: argparse.Namespace) -> None:
     from sempa_train.summary import describe
 
@@ -251,7 +263,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
     cfg = RunConfig.build(args.config, preset=args.preset, overrides=overrides, model=args.model)
     out = args.out or Path("outputs") / f"run-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     summary = run_method(cfg, out, overwrite=args.overwrite)
-    print(summary["table"])
+    print(summary["sts"]["table"])
+    if summary["retention"]:
+        print(f"perplexity ratio (tuned / base): {summary['retention']['perplexity_ratio']:.3f}")
     print(f"\nfinished in {summary['wall_seconds']:.0f}s; outputs in {out}/")
     for name, path in summary["outputs"].items():
         print(f"  {name:<12} {path}")
@@ -259,7 +273,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "sample": _cmd_sample, "rank": _cmd_rank,
-            "inspect": _cmd_inspect, "train": _cmd_train, "eval": _cmd_eval, "prefect": _cmd_prefect}
+            "inspect": _cmd_inspect, "train": _cmd_train, "eval": _cmd_eval, "prefect": _cmd_prefect,
+            "report": _cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -408,3 +408,40 @@ class RankConfig(StageConfig):
             raise ValueError("scorer 'nli' needs scorer_model (a cross-encoder with an entailment label)")
         for task in self.contamination_tasks:
             _check_choice("contamination task", task, STS_TASKS)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionConfig(StageConfig):
+    """Generation-retention probes run on the base and the tuned model with the same inputs."""
+
+    text_file: str = option("data/heldout_text.txt", "held-out text: a .txt file (one passage a line) or an NLI "
+                            ".jsonl (its premises), e.g. ../shared/data/nli/snli/test.jsonl")
+    max_texts: int = option(300, "texts used for perplexity (the first N distinct ones)")
+    max_length: int = option(128, "tokens per text for perplexity")
+    paraphrases: int = option(40, "sentences paraphrased greedily for the paraphrase probe (0: skip)")
+    dtype: str = option("float32", "weights dtype for the probes", choices=DTYPES)
+    device: str = option("auto", "auto picks cuda when available", choices=DEVICES)
+    lm_eval_tasks: tuple[str, ...] = option((), "lm-evaluation-harness tasks (e.g. hellaswag,truthfulqa_mc1); "
+                                            "run only when lm-eval is installed and its data reachable")
+    lm_eval_limit: int | None = option(None, "examples per lm-eval task (None: all)")
+
+    def __post_init__(self) -> None:
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("device", self.device, DEVICES)
+        for name in ("max_texts", "max_length"):
+            _check_positive(name, getattr(self, name))
+        _check_positive("paraphrases", self.paraphrases, allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig(StageConfig):
+    """Quality gates: the evaluation fails when a tuned model crosses one (None: gate off)."""
+
+    min_sts_delta: float | None = option(None, "tuned avg STS minus base avg STS must be at least this (e.g. 0.0)")
+    max_perplexity_ratio: float | None = option(None, "tuned / base perplexity must be at most this (e.g. 1.05)")
+    min_paraphrase_similarity_delta: float | None = option(
+        None, "tuned minus base paraphrase similarity to the source must be at least this (e.g. -0.02)")
+
+    def __post_init__(self) -> None:
+        if self.max_perplexity_ratio is not None:
+            _check_positive("max_perplexity_ratio", self.max_perplexity_ratio)

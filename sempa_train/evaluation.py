@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 from scipy.stats import spearmanr
 
 from sempa_train.config import EmbedConfig, EvalConfig
 from sempa_train.embedding import Encoder, cosine, encoder_kind, load_encoder
-from sempa_train.io import write_json
+from sempa_train.io import write_json, write_parquet
 from sempa_train.models import resolve_model
+from sempa_train.schemas import PREDICTIONS_SCHEMA
 from sempa_train.sts_data import STSSubset, load_tasks
 
 
@@ -63,10 +65,32 @@ def task_metrics(subsets: list[STSSubset], similarities: list[np.ndarray]) -> di
 
 def evaluate_sts(encoder: Encoder, tasks: dict[str, list[STSSubset]]) -> dict[str, Any]:
     """Evaluate ``encoder`` on loaded STS tasks; returns the contract dict above."""
-    similarities = score_subsets(encoder, tasks)
+    return summarize(encoder.name, tasks, score_subsets(encoder, tasks))
+
+
+def summarize(
+    name: str, tasks: dict[str, list[STSSubset]], similarities: dict[str, list[np.ndarray]]
+) -> dict[str, Any]:
+    """The contract dict from per-subset cosine similarities."""
     results = {task: task_metrics(tasks[task], similarities[task]) for task in tasks}
     avg = float(np.mean([r["spearman"] for r in results.values()])) if results else 0.0
-    return {"model": encoder.name, "tasks": results, "avg": avg, "primary_metric": "avg"}
+    return {"model": name, "tasks": results, "avg": avg, "primary_metric": "avg"}
+
+
+def predictions_table(tasks: dict[str, list[STSSubset]], similarities: dict[str, list[np.ndarray]]) -> pl.DataFrame:
+    """Every scored pair with its gold score and cosine similarity (``PREDICTIONS_SCHEMA``)."""
+    frames = [
+        pl.DataFrame({"task": task, "subset": sub.name, "split": sub.split, "sentence1": sub.sent1,
+                      "sentence2": sub.sent2, "gold": sub.scores, "cosine": sim.astype(np.float64)},
+                     schema=PREDICTIONS_SCHEMA)
+        for task, subsets in tasks.items() for sub, sim in zip(subsets, similarities[task], strict=True)
+    ]
+    return pl.concat(frames) if frames else pl.DataFrame(schema=PREDICTIONS_SCHEMA)
+
+
+def predictions_path(results_json: Path) -> Path:
+    """Where ``run_sts_eval`` writes the per-pair predictions beside its JSON."""
+    return Path(results_json).with_suffix(".predictions.parquet")
 
 
 def format_table(results: dict[str, Any], *, compare: dict[str, Any] | None = None) -> str:
@@ -109,7 +133,8 @@ def run_sts_eval(
     embed = embed or EmbedConfig()
     tasks = tasks if tasks is not None else load_tasks(cfg.tasks, cfg.split, cfg.senteval_dir)
     encoder = load_encoder(model, embed, adapter=adapter)
-    results = evaluate_sts(encoder, tasks)
+    similarities = score_subsets(encoder, tasks)
+    results = summarize(encoder.name, tasks, similarities)
     results.update(
         model=str(model),
         adapter=None if adapter is None else str(adapter),
@@ -119,4 +144,5 @@ def run_sts_eval(
     )
     if out is not None:
         write_json(Path(out), results)
+        write_parquet(predictions_table(tasks, similarities), predictions_path(Path(out)), PREDICTIONS_SCHEMA)
     return results

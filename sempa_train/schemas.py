@@ -66,10 +66,24 @@ CANDIDATES_SCHEMA = pl.Schema(
     }
 )
 
+# Per-pair STS predictions of one evaluation (for scatter plots and error analysis).
+PREDICTIONS_SCHEMA = pl.Schema(
+    {
+        "task": pl.String,
+        "subset": pl.String,
+        "split": pl.String,
+        "sentence1": pl.String,
+        "sentence2": pl.String,
+        "gold": pl.Float64,
+        "cosine": pl.Float64,
+    }
+)
+
 SCHEMAS: dict[str, pl.Schema] = {
     "triples": TRIPLES_SCHEMA,
     "candidates": CANDIDATES_SCHEMA,
     "preferences": PREFERENCE_SCHEMA,
+    "predictions": PREDICTIONS_SCHEMA,
 }
 
 

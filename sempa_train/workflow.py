@@ -1,11 +1,11 @@
-"""The paper's whole method in one process: prepare → evaluate base → train → evaluate tuned.
+"""The paper's whole method in one process: prepare → train → evaluate (base and tuned, with retention).
 
 This is the single-machine path behind ``sempa run``; the Prefect flows in ``pipelines/`` run the
 same stage functions as separate tasks. Output::
 
     OUT/data/triples, OUT/data/preferences   prepare
     OUT/model/                               train (adapter, logs, manifest)
-    OUT/eval/base.json, OUT/eval/tuned.json  STS results (the ``sempa eval`` contract)
+    OUT/eval/                                STS base/tuned, retention, gates, report.md + plots
     OUT/summary.json                         what ran, where everything is, base vs tuned
 """
 
@@ -20,8 +20,17 @@ from typing import Any
 
 import yaml
 
-from sempa_train.config import EmbedConfig, EvalConfig, PrepareConfig, RankConfig, SampleConfig, TrainConfig
-from sempa_train.evaluation import format_table, run_sts_eval
+from sempa_train.assessment import assess
+from sempa_train.config import (
+    EmbedConfig,
+    EvalConfig,
+    GateConfig,
+    PrepareConfig,
+    RankConfig,
+    RetentionConfig,
+    SampleConfig,
+    TrainConfig,
+)
 from sempa_train.io import code_version, now_iso, write_json
 from sempa_train.prepare import prepare
 from sempa_train.sts_data import load_tasks
@@ -30,7 +39,7 @@ from sempa_train.train import train_dpo
 log = logging.getLogger(__name__)
 
 
-SECTIONS = ("prepare", "sample", "rank", "train", "eval", "embed")
+SECTIONS = ("prepare", "sample", "rank", "train", "eval", "embed", "retention", "gates")
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig.preset("cpu"))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(tasks=("STSBenchmark",), split="dev"))
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
 
     @classmethod
     def build(
@@ -85,6 +96,8 @@ class RunConfig:
                                             base=TrainConfig.preset(train_preset) if train_preset else default.train),
                 eval=EvalConfig.from_dict(merged["eval"], base=default.eval),
                 embed=EmbedConfig.from_dict(merged["embed"]),
+                retention=RetentionConfig.from_dict(merged["retention"]),
+                gates=GateConfig.from_dict(merged["gates"]),
             )
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
@@ -102,7 +115,7 @@ class RunConfig:
 
 
 def run_method(cfg: RunConfig, out_dir: Path, *, overwrite: bool = False) -> dict[str, Any]:
-    """Run prepare, base evaluation, DPO training and tuned evaluation; return the summary."""
+    """Run prepare (gold preferences), DPO training and the evaluation stage; return the run summary."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists and is not empty; pass --overwrite or another --out")
@@ -110,28 +123,24 @@ def run_method(cfg: RunConfig, out_dir: Path, *, overwrite: bool = False) -> dic
     # Load the evaluation data first: a missing STS folder should fail before any training.
     tasks = load_tasks(cfg.eval.tasks, cfg.eval.split, cfg.eval.senteval_dir)
     prepared = prepare(cfg.prepare, out_dir / "data", overwrite=overwrite)
-    eval_dir = out_dir / "eval"
-    base = run_sts_eval(cfg.train.model, cfg.eval, cfg.embed, out=eval_dir / "base.json", tasks=tasks)
     trained = train_dpo(cfg.train, prepared.preferences_dir, out_dir / "model", overwrite=overwrite)
-    tuned = run_sts_eval(cfg.train.model, cfg.eval, cfg.embed, adapter=trained.adapter_dir,
-                         out=eval_dir / "tuned.json", tasks=tasks)
+    evaluation = assess(
+        cfg.train.model, trained.adapter_dir, out_dir / "eval", eval_cfg=cfg.eval, embed=cfg.embed,
+        retention=cfg.retention, gates=cfg.gates, tasks=tasks,
+        inputs={"preferences": str(prepared.preferences_dir), "train_log": str(trained.out_dir / "train_log.jsonl"),
+                "adapter": str(trained.adapter_dir)},
+    )
     summary = {
         "created_at": now_iso(),
         "code_version": code_version(),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "config": cfg.to_dict(),
-        "outputs": {
-            "triples": str(prepared.triples_dir),
-            "preferences": str(prepared.preferences_dir),
-            "adapter": str(trained.adapter_dir),
-            "train_log": str(trained.out_dir / "train_log.jsonl"),
-            "eval_base": str(eval_dir / "base.json"),
-            "eval_tuned": str(eval_dir / "tuned.json"),
-        },
+        "outputs": {"triples": str(prepared.triples_dir), **evaluation["outputs"],
+                    "report": str(out_dir / "eval" / "report.md")},
         "data": {"counts": prepared.counts, "drops": prepared.drops},
         "train": trained.metrics,
-        "sts": {"base": base["avg"], "tuned": tuned["avg"], "delta": tuned["avg"] - base["avg"]},
-        "table": format_table(tuned, compare=base),
+        "sts": evaluation["sts"],
+        "retention": evaluation.get("retention", {}).get("compare"),
     }
     write_json(out_dir / "summary.json", summary)
     return summary

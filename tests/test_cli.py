@@ -65,8 +65,10 @@ def test_eval_missing_data_is_a_clear_error(tmp_path, capsys):
 def test_run_whole_method_on_tiny_model(tmp_path, tiny_model_dir, capsys):
     root = make_senteval(tmp_path / "senteval")
     out = tmp_path / "run"
-    code = main(["run", "--model", str(tiny_model_dir), "--senteval-dir", str(root), "--max-steps", "1",
-                 "--out", str(out)])
+    config = tmp_path / "run.yaml"
+    config.write_text("retention: {max_texts: 8, paraphrases: 3}\nembed: {dtype: float32}\n")
+    code = main(["run", "--config", str(config), "--model", str(tiny_model_dir), "--senteval-dir", str(root),
+                 "--max-steps", "1", "--out", str(out)])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     for path in summary["outputs"].values():
@@ -75,7 +77,15 @@ def test_run_whole_method_on_tiny_model(tmp_path, tiny_model_dir, capsys):
     tuned = json.loads((out / "eval" / "tuned.json").read_text())
     assert tuned["adapter"].endswith("adapter") and "STSBenchmark" in tuned["tasks"]
     printed = capsys.readouterr().out
-    assert "outputs in" in printed and "summary.json" in printed
+    assert "outputs in" in printed and "summary.json" in printed and "perplexity ratio" in printed
+    report = (out / "eval" / "report.md").read_text()
+    assert "sts_bars.png" in report and "training.png" in report and "not scored (gold strategy)" in report
+    for name in ("sts_bars.png", "stsb_scatter.png", "training.png"):
+        assert (out / "eval" / name).stat().st_size > 1000
+    (out / "eval" / "report.md").unlink()
+    (out / "eval" / "sts_bars.png").unlink()
+    assert main(["report", str(out)]) == 0  # rebuilt from saved outputs only
+    assert (out / "eval" / "report.md").read_text() == report and (out / "eval" / "sts_bars.png").is_file()
 
 
 def test_help_explains_every_subcommand():

@@ -51,6 +51,7 @@ def test_deployment_run_full_completes(local_prefect, tiny_model_dir, tmp_path):
         "eval": {"senteval_dir": str(make_senteval(tmp_path / "senteval")), "tasks": ["STSBenchmark"],
                  "split": "dev"},
         "embed": {"dtype": "float32"},
+        "retention": {"max_texts": 8, "paraphrases": 2},
         "root": str(root),
     }
     assert local_prefect.run_deployment("full", params, timeout=900) == 0  # --watch exits 0 on Completed
@@ -60,8 +61,10 @@ def test_deployment_run_full_completes(local_prefect, tiny_model_dir, tmp_path):
     assert prefs.height > 0 and {"prompt", "chosen", "rejected"} <= set(prefs.columns)
     [summary] = list((root / "eval").glob("*/summary.json"))
     results = json.loads(summary.read_text())
-    assert "STSBenchmark" in results["tuned"]["tasks"] and "STSBenchmark" in results["base"]["tasks"]
-    assert json.loads((summary.parent / "tuned.json").read_text())["adapter"].endswith("adapter")
+    assert results["sts"]["tuned"] is not None and results["gates"]["passed"]
+    tuned = json.loads((summary.parent / "tuned.json").read_text())
+    assert "STSBenchmark" in tuned["tasks"] and tuned["adapter"].endswith("adapter")
+    assert (summary.parent / "report.md").is_file()
 
 
 def test_unreachable_server_says_how_to_start_it(tmp_path):

@@ -34,6 +34,7 @@ def tiny_params(tiny_model_dir: Path, senteval: Path, root: Path, **train) -> di
         "train": {"max_steps": 1, "batch_size": 2, **train},
         "eval": {"senteval_dir": str(senteval), "tasks": ["STSBenchmark"], "split": "dev"},
         "embed": {"dtype": "float32"},
+        "retention": {"max_texts": 8, "paraphrases": 3},
         "root": str(root),
         "dataset": "tiny",
     }
@@ -77,7 +78,10 @@ def test_full_flow_fails_at_train_then_resumes_from_cache(prefect_harness, tiny_
     model_manifest = json.loads((Path(outputs["model_dir"]) / "manifest.json").read_text())
     assert model_manifest["data"] == outputs["preferences"]  # the model names its data version
     summary = json.loads((Path(outputs["eval_dir"]) / "summary.json").read_text())
-    assert set(summary) >= {"base", "tuned", "table"} and "STSBenchmark" in summary["tuned"]["tasks"]
+    assert summary["sts"]["delta"] == pytest.approx(summary["sts"]["tuned"] - summary["sts"]["base"])
+    assert summary["retention"]["compare"]["perplexity_ratio"] > 0
+    for name in ("report.md", "sts_bars.png", "stsb_scatter.png", "training.png", "scores.png"):
+        assert (Path(outputs["eval_dir"]) / name).is_file(), name
 
 
 def test_refresh_twice_makes_two_versions(prefect_harness, tiny_model_dir, tmp_path):

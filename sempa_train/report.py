@@ -1,0 +1,169 @@
+"""The visual report of an evaluation folder, rebuilt from saved outputs only (``sempa report DIR``).
+
+Reads ``DIR/summary.json`` (written by the evaluation stage) and the files it points to, and writes
+``DIR/report.md`` with these plots beside it:
+
+* ``sts_bars.png`` — Spearman per STS task, base against tuned;
+* ``stsb_scatter.png`` — predicted cosine against gold score on STS-B (base and tuned);
+* ``training.png`` — DPO reward margin and reward accuracy per logged step (when a train log is known);
+* ``scores.png`` — chosen and rejected score distributions of the training data (when scored).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from sempa_train.evaluation import predictions_path
+from sempa_train.io import read_json, resolve_dataset_file, write_text
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sts_bars(base: dict[str, Any], tuned: dict[str, Any] | None, path: Path) -> None:
+    plt = _plt()
+    tasks = list(base["tasks"])
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(tasks) + 2), 3.5))
+    width = 0.38 if tuned else 0.6
+    xs = range(len(tasks))
+    ax.bar([x - (width / 2 if tuned else 0) for x in xs], [base["tasks"][t]["spearman"] for t in tasks], width,
+           label="base (PromptEOL)")
+    if tuned:
+        ax.bar([x + width / 2 for x in xs], [tuned["tasks"][t]["spearman"] for t in tasks], width, label="tuned")
+    ax.set_xticks(list(xs), tasks, rotation=20)
+    ax.set_ylabel("Spearman x 100")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower right")
+    ax.set_title("STS, base against tuned")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scatter(predictions: dict[str, pl.DataFrame], task: str, path: Path) -> bool:
+    plt = _plt()
+    frames = {name: df.filter(pl.col("task") == task) for name, df in predictions.items()}
+    frames = {name: df for name, df in frames.items() if df.height}
+    if not frames:
+        return False
+    fig, axes = plt.subplots(1, len(frames), figsize=(4.2 * len(frames), 3.8), squeeze=False)
+    for ax, (name, df) in zip(axes[0], frames.items(), strict=True):
+        ax.scatter(df["gold"], df["cosine"], s=5, alpha=0.35)
+        ax.set_xlabel("gold score")
+        ax.set_ylabel("cosine similarity")
+        ax.set_title(f"{task} — {name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_training(log_file: Path, path: Path) -> bool:
+    rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if "rewards/margins" in r]
+    if not steps:
+        return False
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    x = [r.get("step", i + 1) for i, r in enumerate(steps)]
+    left.plot(x, [r["rewards/margins"] for r in steps], marker=".")
+    left.set_title("reward margin (chosen - rejected)")
+    right.plot(x, [r["rewards/accuracies"] for r in steps], marker=".", color="tab:green")
+    right.set_ylim(-0.05, 1.05)
+    right.set_title("reward accuracy")
+    for ax in (left, right):
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_scores(preferences: Path, path: Path) -> bool:
+    df = pl.read_parquet(resolve_dataset_file(preferences), columns=["chosen_score", "rejected_score"])
+    chosen, rejected = df["chosen_score"].drop_nulls(), df["rejected_score"].drop_nulls()
+    if chosen.is_empty() and rejected.is_empty():
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.hist(chosen.to_list(), bins=30, alpha=0.6, label=f"chosen (n={chosen.len()})")
+    ax.hist(rejected.to_list(), bins=30, alpha=0.6, label=f"rejected (n={rejected.len()})")
+    ax.set_xlabel("scorer similarity to the premise")
+    ax.set_title("training pairs: chosen vs rejected scores")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _retention_table(retention: dict[str, Any]) -> list[str]:
+    base, tuned = retention["base"], retention.get("tuned")
+    lines = ["| metric | base | tuned |", "|---|---:|---:|",
+             f"| perplexity ({base['perplexity_texts']} held-out texts) | {base['perplexity']:.2f} | "
+             f"{tuned['perplexity']:.2f} |" if tuned else f"| perplexity | {base['perplexity']:.2f} | |"]
+    if "paraphrase" in base:
+        for key, label in (("similarity_mean", "paraphrase similarity to source"), ("copy_rate", "copy rate"),
+                           ("empty_rate", "empty rate"), ("mean_words", "words per paraphrase")):
+            tuned_value = f"{tuned['paraphrase'][key]:.3f}" if tuned else ""
+            lines.append(f"| {label} | {base['paraphrase'][key]:.3f} | {tuned_value} |")
+    if "compare" in retention:
+        lines.append(f"| perplexity ratio (tuned / base) | | {retention['compare']['perplexity_ratio']:.3f} |")
+    lm_eval = base.get("lm_eval", {})
+    lines += ["", f"lm-eval: {lm_eval.get('skipped') or 'see retention.json'}"]
+    return lines
+
+
+def build_report(out_dir: Path) -> Path:
+    """Write ``report.md`` and its plots from the saved outputs of an evaluation folder."""
+    out_dir = Path(out_dir)
+    summary = read_json(out_dir / "summary.json")
+    outputs = summary.get("outputs", {})
+    base = read_json(Path(outputs["eval_base"]))
+    tuned = read_json(Path(outputs["eval_tuned"])) if outputs.get("eval_tuned") else None
+    adapter = f" + adapter `{summary['adapter']}`" if summary.get("adapter") else ""
+    lines = ["# SemPA evaluation report", "", f"- model: `{summary['model']}`{adapter}",
+             f"- created: {summary.get('created_at')} by sempa {summary.get('code_version')}", ""]
+    gates = summary.get("gates", {})
+    if gates.get("failures"):
+        lines += ["**Quality gates failed:** " + "; ".join(gates["failures"]), ""]
+    elif any(v is not None for v in gates.get("config", {}).values()):
+        lines += ["Quality gates passed.", ""]
+    lines += ["## STS (Spearman x 100 of cosine similarity)", "", "```", summary["sts"]["table"], "```", ""]
+    plot_sts_bars(base, tuned, out_dir / "sts_bars.png")
+    lines += ["![STS per task](sts_bars.png)", ""]
+    predictions = {name: pl.read_parquet(predictions_path(Path(outputs[key])))
+                   for name, key in (("base", "eval_base"), ("tuned", "eval_tuned"))
+                   if outputs.get(key) and predictions_path(Path(outputs[key])).is_file()}
+    if plot_scatter(predictions, "STSBenchmark", out_dir / "stsb_scatter.png"):
+        lines += ["![STS-B predicted vs gold](stsb_scatter.png)", ""]
+    if "retention" in summary:
+        lines += ["## Generation retention", "", *_retention_table(summary["retention"]), ""]
+        examples = summary["retention"].get("tuned", summary["retention"]["base"]).get("paraphrase", {}).get("examples")
+        if examples:
+            lines += ["Greedy paraphrases of the tuned model:", ""]
+            lines += [f"- {e['source']} → {e['paraphrase'] or '(empty)'}" for e in examples[:3]] + [""]
+    train_log = outputs.get("train_log")
+    if train_log and Path(train_log).is_file() and plot_training(Path(train_log), out_dir / "training.png"):
+        lines += ["## Training", "", "![reward margin and accuracy](training.png)", ""]
+    preferences = outputs.get("preferences")
+    if preferences and Path(preferences).exists():
+        if plot_scores(Path(preferences), out_dir / "scores.png"):
+            lines += ["## Training data", "", "![chosen and rejected scores](scores.png)", ""]
+        else:
+            lines += ["## Training data", "", "No chosen/rejected scores: the pairs were not scored (gold strategy).",
+                      ""]
+    lines += ["## Files", "", *[f"- {k}: `{v}`" for k, v in outputs.items()], ""]
+    path = out_dir / "report.md"
+    write_text(path, "\n".join(lines))
+    return path
