@@ -46,6 +46,9 @@ def sempa(
     train: dict[str, Any] | None = None,
     eval: dict[str, Any] | None = None,
     embed: dict[str, Any] | None = None,
+    retention: dict[str, Any] | None = None,
+    gates: dict[str, Any] | None = None,
+    cluster: dict[str, Any] | None = None,
     model: str | None = None,
     adapter: str | None = None,
     dataset: str = "default",
@@ -55,7 +58,7 @@ def sempa(
     log = get_run_logger()
     overrides = {name: value for name, value in
                  {"prepare": prepare, "sample": sample, "rank": rank, "train": train, "eval": eval,
-                  "embed": embed}.items() if value}
+                  "embed": embed, "retention": retention, "gates": gates, "cluster": cluster}.items() if value}
     cfg = RunConfig.build(config, preset=preset, overrides=overrides, model=model)
     store = Store(root)
     outputs: dict[str, Any] = {"run_config": cfg.to_dict()}
@@ -77,7 +80,7 @@ def sempa(
             triples = prepared / "triples"
             key = content_key("sample", cfg.sample.to_dict(), {"triples": dataset_hash(triples)})
             out = store.stage_dir("sample", key)
-            candidates = Path(_cached(sample_task, out)(cfg.sample, str(triples), str(out), key))
+            candidates = Path(_cached(sample_task, out)(cfg.sample, str(triples), str(out), key, cfg.cluster))
             parts["candidates"] = candidates
         if "rank" in stages:
             inputs = {name: dataset_hash(parts[name]) for name in ("triples", "candidates") if name in parts}
@@ -100,7 +103,7 @@ def sempa(
         if preferences is None:
             preferences = store.latest(dataset) / "preferences"
         key = content_key("train", cfg.train.to_dict(), {"data": dataset_hash(preferences)})
-        out = store.root / "models" / f"{dataset}-{preferences.parent.name}-{key}"
+        out = store.root / "models" / f"{dataset}-{key}"  # same data and config: the same model, not retrained
         trained = Path(_cached(train_task, out)(cfg.train, str(preferences), str(out), key))
         tuned_adapter = str(trained / "adapter")
         outputs["model_dir"] = str(trained)

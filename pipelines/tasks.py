@@ -22,7 +22,7 @@ from prefect.artifacts import (
 from prefect.context import FlowRunContext, TaskRunContext
 
 from sempa_train.assessment import assess
-from sempa_train.config import PrepareConfig, RankConfig, SampleConfig, TrainConfig
+from sempa_train.config import ClusterConfig, PrepareConfig, RankConfig, SampleConfig, TrainConfig
 from sempa_train.io import read_manifest
 from sempa_train.prepare import prepare
 from sempa_train.procs import call_in_subprocess
@@ -61,8 +61,9 @@ def prepare_task(cfg: PrepareConfig, out: str, key: str) -> str:
 
 
 @task(name="sample", **STAGE_TASK)
-def sample_task(cfg: SampleConfig, triples: str, out: str, key: str) -> str:
-    """Paraphrase candidates (in a subprocess), with a progress artifact fed from the finished shards."""
+def sample_task(cfg: SampleConfig, triples: str, out: str, key: str, cluster: ClusterConfig | None = None) -> str:
+    """Paraphrase candidates, with a progress artifact fed from the finished shards: in a subprocess, or with
+    the shards spread over a Dask cluster when ``cluster`` is enabled."""
     if Path(out).exists():
         return out
     progress = create_progress_artifact(progress=0.0, description=f"sampling candidates into {out}")
@@ -79,7 +80,12 @@ def sample_task(cfg: SampleConfig, triples: str, out: str, key: str) -> str:
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        call_in_subprocess(sample_candidates, cfg, Path(triples), Path(out), overwrite=True, show_progress=False)
+        if cluster is not None and cluster.enabled:
+            from pipelines.scale import cluster_shard_runner
+
+            sample_candidates(cfg, Path(triples), Path(out), overwrite=True, shard_runner=cluster_shard_runner(cluster))
+        else:
+            call_in_subprocess(sample_candidates, cfg, Path(triples), Path(out), overwrite=True, show_progress=False)
     finally:
         stop.set()
         watcher.join()

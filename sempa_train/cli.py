@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sempa_train.config import (
+    C,
     EmbedConfig,
     EvalConfig,
     PrepareConfig,
@@ -105,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=4200, help="server port on 127.0.0.1 (default 4200)")
     p.add_argument("--state-dir", type=Path, default=Path("outputs/prefect"), help="pid files and logs")
 
+    p = sub.add_parser("experiment", help="compare preference strategies under one training budget",
+                       description="Run (or resume) an experiment: shared data preparation and sampling, then per "
+                       "arm ranking, DPO training and evaluation against the untuned baseline. Writes "
+                       "OUT/results.json and OUT/results.md.")
+    p.add_argument("config", type=Path, help="experiment YAML (see sempa_train/configs/experiments/)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library logs too")
+
     p = sub.add_parser("report", help="rebuild report.md and its plots from an evaluation folder",
                        description="Rebuild report.md and its PNG plots from the saved outputs of an evaluation "
                        "folder (OUT/eval of sempa run, or the eval folder of a flow run).")
@@ -150,11 +158,17 @@ def _configure_logging(verbose: bool) -> None:
         hf_logging.set_verbosity_error()
 
 
+def _stage_config(cls: type[C], args: argparse.Namespace, *, base: C | None = None) -> C:
+    """``base`` (or the defaults), then the ``--config`` file, then the flags given on the command line."""
+    if args.config:
+        base = cls.load(args.config, base=base)
+    return config_from_args(cls, args, base=base)
+
+
 def _cmd_prepare(args: argparse.Namespace) -> None:
     from sempa_train.prepare import prepare
 
-    base = PrepareConfig.load(args.config) if args.config else None
-    cfg = config_from_args(PrepareConfig, args, base=base)
+    cfg = _stage_config(PrepareConfig, args)
     result = prepare(cfg, args.out, overwrite=args.overwrite)
     print(f"triples:     {result.triples_dir} ({result.counts['triples']:,} rows)")
     print(f"preferences: {result.preferences_dir}")
@@ -164,8 +178,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 def _cmd_sample(args: argparse.Namespace) -> None:
     from sempa_train.sampling import sample_candidates
 
-    base = SampleConfig.load(args.config) if args.config else None
-    cfg = config_from_args(SampleConfig, args, base=base)
+    cfg = _stage_config(SampleConfig, args)
     result = sample_candidates(cfg, args.triples, args.out, overwrite=args.overwrite)
     print(f"candidates: {result.out_dir} ({result.counts['candidates']:,} for {result.counts['premises']:,} premises)")
 
@@ -173,8 +186,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 def _cmd_rank(args: argparse.Namespace) -> None:
     from sempa_train.ranking import rank
 
-    base = RankConfig.load(args.config) if args.config else None
-    cfg = config_from_args(RankConfig, args, base=base)
+    cfg = _stage_config(RankConfig, args)
     result = rank(cfg, args.out, triples=args.triples, candidates=args.candidates, overwrite=args.overwrite)
     print(f"preferences: {result.out_dir} ({result.counts['pairs']:,} pairs)")
     print("dropped:     " + (", ".join(f"{k}={v:,}" for k, v in result.drops.items()) or "nothing"))
@@ -212,6 +224,12 @@ def _cmd_prefect(args: argparse.Namespace) -> None:
         raise RuntimeError(str(e)) from e
 
 
+def _cmd_experiment(args: argparse.Namespace) -> None:
+    from sempa_train.experiment import results_table, run_experiment
+
+    print(results_table(run_experiment(args.config)))
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
     from sempa_train.report import build_report
 
@@ -228,9 +246,7 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     from sempa_train.train import train_dpo
 
-    base = TrainConfig.load(args.config, base=TrainConfig.preset(args.preset)) if args.config \
-        else TrainConfig.preset(args.preset)
-    cfg = config_from_args(TrainConfig, args, base=base)
+    cfg = _stage_config(TrainConfig, args, base=TrainConfig.preset(args.preset))
     result = train_dpo(cfg, args.data, args.out, overwrite=args.overwrite)
     print(f"adapter: {result.adapter_dir}")
     print(f"log:     {result.out_dir / 'train_log.jsonl'}")
@@ -274,7 +290,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "sample": _cmd_sample, "rank": _cmd_rank,
             "inspect": _cmd_inspect, "train": _cmd_train, "eval": _cmd_eval, "prefect": _cmd_prefect,
-            "report": _cmd_report}
+            "report": _cmd_report, "experiment": _cmd_experiment}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -230,6 +230,9 @@ class TrainConfig(StageConfig):
     batch_size: int = option(8, "examples per device per step")
     gradient_accumulation_steps: int = option(
         1, "steps accumulated per update (effective batch = batch_size x this x devices)")
+    effective_batch_size: int | None = option(
+        None, "keep this many examples per update whatever the number of processes: overrides "
+        "gradient_accumulation_steps with effective_batch_size / (batch_size x processes)")
     max_length: int = option(128, "max tokens of prompt + answer")
     precompute_ref_log_probs: bool = option(True, "compute the reference log-probs once before training "
                                             "(saves a forward pass per step)")
@@ -249,6 +252,8 @@ class TrainConfig(StageConfig):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.effective_batch_size is not None:
+            _check_positive("effective_batch_size", self.effective_batch_size)
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be -1 or > 0, got {self.max_steps!r}")
 
@@ -258,7 +263,7 @@ class TrainConfig(StageConfig):
         ``cpu``: the same recipe with batch 8, fp32, max_length 128 and precomputed reference log-probs."""
         presets = {
             "cpu": cls(),
-            "paper": cls(batch_size=8, gradient_accumulation_steps=32, max_length=1024, bf16=True,
+            "paper": cls(batch_size=8, effective_batch_size=256, max_length=1024, bf16=True,
                          precompute_ref_log_probs=False, gradient_checkpointing=True, logging_steps=10),
             "default": cls(),
         }
@@ -342,6 +347,8 @@ class SampleConfig(StageConfig):
     gpu_memory_utilization: float = option(0.85, "vLLM: fraction of GPU memory for weights + KV cache")
     max_model_len: int = option(1024, "vLLM: max tokens of prompt + completion")
     tensor_parallel_size: int = option(1, "vLLM: GPUs per engine (tensor parallel)")
+    data_parallel_size: int = option(1, "vLLM: engine replicas inside one sampling job (data parallel)")
+    max_num_seqs: int | None = option(None, "vLLM: sequences decoded together (None: vLLM's default)")
 
     def __post_init__(self) -> None:
         _check_choice("backend", self.backend, BACKENDS)
@@ -349,7 +356,8 @@ class SampleConfig(StageConfig):
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("device", self.device, DEVICES)
         resolve_template(self.template)
-        for name in ("n", "max_tokens", "shard_size", "batch_size", "max_model_len", "tensor_parallel_size"):
+        for name in ("n", "max_tokens", "shard_size", "batch_size", "max_model_len", "tensor_parallel_size",
+                     "data_parallel_size"):
             _check_positive(name, getattr(self, name))
         _check_positive("temperature", self.temperature, allow_zero=True)
         if not 0 < self.top_p <= 1:
@@ -358,6 +366,8 @@ class SampleConfig(StageConfig):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.max_premises is not None:
             _check_positive("max_premises", self.max_premises)
+        if self.max_num_seqs is not None:
+            _check_positive("max_num_seqs", self.max_num_seqs)
 
 
 STRATEGIES = ("gold", "sampled", "hybrid")
@@ -445,3 +455,40 @@ class GateConfig(StageConfig):
     def __post_init__(self) -> None:
         if self.max_perplexity_ratio is not None:
             _check_positive("max_perplexity_ratio", self.max_perplexity_ratio)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig(StageConfig):
+    """Where the sample stage runs its shards: this process (default) or a Dask cluster.
+
+    ``address`` names a running Dask scheduler (``tcp://host:8786``); ``local_workers`` > 0 starts a
+    local cluster of that many worker processes on 127.0.0.1 instead. ``resources`` are what each shard
+    job needs from a worker (``GPU=1`` for one engine per GPU; start workers with ``--resources GPU=1``).
+    """
+
+    address: str | None = option(None, "Dask scheduler address (tcp://host:port); None: no cluster")
+    local_workers: int = option(0, "start a local Dask cluster with this many worker processes (0: none)")
+    threads_per_worker: int = option(1, "threads per local worker process")
+    resources: str = option("", "resources each shard job needs, e.g. GPU=1 (comma-separated NAME=AMOUNT)")
+
+    def __post_init__(self) -> None:
+        _check_positive("local_workers", self.local_workers, allow_zero=True)
+        _check_positive("threads_per_worker", self.threads_per_worker)
+        if self.address and self.local_workers:
+            raise ValueError("give either address (an existing cluster) or local_workers (a new one), not both")
+        self.resource_map()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.address or self.local_workers)
+
+    def resource_map(self) -> dict[str, float]:
+        """``"GPU=1,MEM=2"`` → ``{"GPU": 1.0, "MEM": 2.0}``."""
+        out = {}
+        for item in filter(None, (p.strip() for p in self.resources.split(","))):
+            name, _, amount = item.partition("=")
+            try:
+                out[name.strip()] = float(amount)
+            except ValueError:
+                raise ValueError(f"resources must look like GPU=1,MEM=2, got {self.resources!r}") from None
+        return out

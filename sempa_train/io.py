@@ -197,7 +197,7 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        _swap_into_place(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -248,7 +248,7 @@ def write_dataset(
     return manifest
 
 
-def _swap_into_place(new: Path, target: Path) -> None:
+def replace_dir(new: Path, target: Path) -> None:
     """Rename folder ``new`` onto ``target``; an old ``target`` is removed only after the rename."""
     if not target.exists():
         new.replace(target)

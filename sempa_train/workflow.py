@@ -22,6 +22,7 @@ import yaml
 
 from sempa_train.assessment import assess
 from sempa_train.config import (
+    ClusterConfig,
     EmbedConfig,
     EvalConfig,
     GateConfig,
@@ -39,7 +40,7 @@ from sempa_train.train import train_dpo
 log = logging.getLogger(__name__)
 
 
-SECTIONS = ("prepare", "sample", "rank", "train", "eval", "embed", "retention", "gates")
+SECTIONS = ("prepare", "sample", "rank", "train", "eval", "embed", "retention", "gates", "cluster")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class RunConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     gates: GateConfig = field(default_factory=GateConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @classmethod
     def build(
@@ -98,6 +100,7 @@ class RunConfig:
                 embed=EmbedConfig.from_dict(merged["embed"]),
                 retention=RetentionConfig.from_dict(merged["retention"]),
                 gates=GateConfig.from_dict(merged["gates"]),
+                cluster=ClusterConfig.from_dict(merged["cluster"]),
             )
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e

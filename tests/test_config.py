@@ -18,7 +18,7 @@ def test_presets_follow_the_paper():
     paper = TrainConfig.preset("paper")
     recipe = (paper.lora_r, paper.lora_alpha, paper.learning_rate, paper.beta, paper.loss_type)
     assert recipe == (8, 32, 1e-4, 0.1, "sigmoid")
-    assert paper.batch_size * paper.gradient_accumulation_steps == 256 and paper.bf16 is True
+    assert paper.effective_batch_size == 256 and paper.batch_size == 8 and paper.bf16 is True
     assert (paper.warmup_ratio, paper.lr_scheduler, paper.epochs, paper.max_length) == (0.05, "cosine", 1.0, 1024)
     with pytest.raises(ValueError, match="unknown train preset 'gpu'"):
         TrainConfig.preset("gpu")
@@ -28,7 +28,7 @@ def test_yaml_file_flags_and_unknown_keys(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text("preset: paper\nbeta: 0.5\nlora_r: 16\n")
     cfg = TrainConfig.load(path)
-    assert (cfg.beta, cfg.lora_r, cfg.gradient_accumulation_steps) == (0.5, 16, 32)
+    assert (cfg.beta, cfg.lora_r, cfg.effective_batch_size) == (0.5, 16, 256)
 
     import argparse
 

@@ -60,3 +60,32 @@ def test_trl_records_chat_and_plain():
     assert chat["prompt"] == [{"role": "user", "content": "Say it."}]
     assert chat["chosen"] == [{"role": "assistant", "content": "Yes."}]
     assert to_trl_records(df, chat=False)[0] == {"prompt": "Say it.\n", "chosen": "Yes.", "rejected": "No."}
+
+
+def test_effective_batch_is_kept_across_process_counts():
+    from sempa_train.train import accumulation_steps
+
+    cfg = TrainConfig.preset("paper")
+    assert [accumulation_steps(cfg, n) for n in (1, 2, 4, 8)] == [32, 16, 8, 4]
+    with pytest.raises(ValueError, match="not a multiple of batch_size 8 x 3 processes"):
+        accumulation_steps(cfg, 3)
+    assert accumulation_steps(TrainConfig(gradient_accumulation_steps=5), 4) == 5  # no effective batch: as given
+
+
+def test_two_process_training(tiny_model_dir, sample_prefs, tmp_path):
+    """The multi-process path of `accelerate launch` on GPUs, here with two CPU processes (torchrun, gloo)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "sempa_train.cli", "train", "--data", str(sample_prefs), "--out", str(out), "--model", str(tiny_model_dir),
+         "--max-steps", "2", "--batch-size", "2", "--effective-batch-size", "8"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and manifest["effective_batch_size"] == 8  # 2 per step x 2 accumulated x 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list(tmp_path.glob(".ddp.partial*"))

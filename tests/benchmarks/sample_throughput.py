@@ -1,6 +1,6 @@
 """Candidate sampling throughput: vLLM backend against transformers backend, side by side in one run.
 
-    python -m benchmarks.sample_throughput --nli ../shared/data/nli/snli/validation.jsonl --sizes 16,512
+    python tests/benchmarks/sample_throughput.py --nli ../shared/data/nli/snli/validation.jsonl --sizes 16,512
 
 Same model (SmolLM2-135M-Instruct by default), same prompts (the first N premises of the SNLI file
 in template P1 through the chat template), same sampling settings (n=4, temperature 1.0, top_p
@@ -8,7 +8,7 @@ in template P1 through the chat template), same sampling settings (n=4, temperat
 generates the candidates of the same premises. Reported per backend and size: generation seconds,
 candidates per second, generated tokens per second, and end-to-end candidates per second with
 the one-off start-up cost (model load or engine start) included. Writes
-``benchmarks/results/sample_throughput[-<device>].json``.
+``tests/benchmarks/results/sample_throughput[-<device>].json``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import argparse
 import os
 import time
 
-from benchmarks.common import dumps, save
+from common import dumps, save
+
 from sempa_train.config import SampleConfig
 from sempa_train.models import load_tokenizer, resolve_model, use_chat_template
 from sempa_train.sampling import build_backend, paraphrase_prompt, premise_seed
@@ -32,13 +33,14 @@ def main() -> None:
     parser.add_argument("--sizes", default="16,512", help="comma-separated premise counts")
     parser.add_argument("--backends", default="vllm,transformers")
     parser.add_argument("--batch-size", type=int, default=16, help="transformers: prompts per generate call")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="vLLM: sequences decoded together")
     parser.add_argument("--tag", default="", help="suffix of the result file (e.g. h100)")
     args = parser.parse_args()
 
     sizes = [int(s) for s in args.sizes.split(",")]
     triples = group_triples(read_nli(args.nli)).table.head(max(sizes))
     cfg = SampleConfig(model=args.model, n=4, temperature=1.0, top_p=0.95, max_tokens=64, seed=0,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, max_num_seqs=args.max_num_seqs)
     model_path = resolve_model(args.model)
     tokenizer = load_tokenizer(model_path)
     chat = use_chat_template("auto", tokenizer)
@@ -81,7 +83,8 @@ def main() -> None:
                                       / t["candidates_per_second_with_startup"], 2),
             }
     result = {"model": args.model, "settings": {"n": 4, "temperature": 1.0, "top_p": 0.95, "max_tokens": 64,
-                                                "transformers_batch_size": args.batch_size},
+                                                "transformers_batch_size": args.batch_size,
+                                                "vllm_max_num_seqs": args.max_num_seqs},
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "results": results,
               "vllm_over_transformers": ratios}
     path = save("sample_throughput" + (f"-{args.tag}" if args.tag else ""), result)

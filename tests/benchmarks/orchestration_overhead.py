@@ -1,13 +1,13 @@
 """Orchestration overhead of one ``full`` flow run against calling the same library functions directly.
 
-    python -m benchmarks.orchestration_overhead
+    python tests/benchmarks/orchestration_overhead.py
 
 With a tiny random model (so the stages themselves are short and the overhead shows), both paths
 run prepare → sample → rank → train → evaluate (base and tuned) on the built-in NLI sample and a
 small STS fixture. "direct" calls the ``sempa_train`` stage functions one after the other in this
 process; "flow" calls the Prefect flow in this process (tasks, result persistence, artifacts,
 dataset publishing, heavy stages in subprocesses) against a local Prefect API. Runs alternate,
-each with a fresh output folder (no cache hits). Writes ``benchmarks/results/orchestration_overhead.json``.
+each with a fresh output folder (no cache hits). Writes ``tests/benchmarks/results/orchestration_overhead.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import dumps, save
+from common import dumps, save
+
 from sempa_train.evaluation import run_sts_eval
 from sempa_train.prepare import prepare
 from sempa_train.ranking import rank
@@ -28,7 +29,7 @@ from sempa_train.testing import build_tiny_llama
 from sempa_train.train import train_dpo
 from sempa_train.workflow import RunConfig
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "nli_sample.jsonl"
 
 

@@ -1,6 +1,6 @@
 """PromptEOL embedding throughput: sempa's encoder against a straightforward loop, side by side in one run.
 
-    python benchmarks/embed_throughput.py --senteval-dir ../shared/data/senteval
+    python tests/benchmarks/embed_throughput.py --senteval-dir ../shared/data/senteval
 
 Both encode every sentence of STS-B dev (3,000 sentences, both sides of 1,500 pairs) with
 SmolLM2-135M-Instruct and score the pairs (Spearman x 100 of cosine). The baseline is the obvious
@@ -9,7 +9,7 @@ implementation: fp32 weights, batches of 64 in file order, left padding, the ful
 fp32 too (same precision: the speed-up from dedup, length sorting and skipping the LM head alone)
 and with ``dtype=auto`` (bf16 where the CPU has bf16 units). Runs alternate (baseline, fp32, auto,
 baseline, ...) so background load hits all alike; the median of ``--repeats`` is reported.
-Writes ``benchmarks/results/embed_throughput.json``.
+Writes ``tests/benchmarks/results/embed_throughput.json``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 import torch
+from common import dumps, save
 
-from benchmarks.common import dumps, save
 from sempa_train.config import EmbedConfig
 from sempa_train.embedding import cosine, load_encoder
 from sempa_train.evaluation import spearman100

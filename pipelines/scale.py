@@ -1,0 +1,60 @@
+"""Sampling shards in parallel on a Dask cluster, through Prefect's ``DaskTaskRunner`` (prefect-dask).
+
+Each pending shard becomes one Prefect task run on a Dask worker. A worker process builds its
+sampler (one vLLM engine, or one transformers model) once and reuses it for every shard it gets.
+Shards are written atomically under their final names, so a shard redone after a worker died, or run
+twice, leaves exactly one file; the scheduler moves the work of a dead worker to the live ones and
+the task retries. ``ClusterConfig`` says where to run: ``address`` of a running scheduler or
+``local_workers`` for a local cluster on 127.0.0.1, and the ``resources`` each shard job needs.
+
+Workers that run vLLM must be allowed to start processes: start them with
+``DASK_DISTRIBUTED__WORKER__DAEMON=False`` (the local cluster here sets it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import dask
+from prefect import flow, task
+from prefect_dask import DaskTaskRunner
+
+from sempa_train.config import ClusterConfig, SampleConfig
+from sempa_train.sampling import ShardPlan, sample_one_shard
+
+
+@task(name="sample-shard", retries=3, retry_delay_seconds=2)
+def shard_task(cfg: SampleConfig, plan: ShardPlan, index: int, backend: str) -> int:
+    return sample_one_shard(cfg, plan, index, backend)
+
+
+@flow(name="sempa-sample-shards")
+def sample_shards(cfg: SampleConfig, plan: ShardPlan, backend: str, resources: dict[str, float]) -> list[int]:
+    """Submit every pending shard and wait for all of them."""
+    annotate = dask.annotate(resources=resources) if resources else contextlib.nullcontext()
+    with annotate:
+        futures = [shard_task.submit(cfg, plan, index, backend) for index in plan.pending()]
+    return [future.result() for future in futures]
+
+
+def dask_task_runner(cluster: ClusterConfig) -> DaskTaskRunner:
+    """A runner on the configured scheduler, or on a new local cluster of worker processes on 127.0.0.1."""
+    if cluster.address:
+        return DaskTaskRunner(address=cluster.address)
+    dask.config.set({"distributed.worker.daemon": False})  # workers may start processes (vLLM engines)
+    resources = cluster.resource_map()
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": cluster.local_workers, "threads_per_worker": cluster.threads_per_worker, "processes": True,
+        "host": "127.0.0.1", "dashboard_address": None, **({"resources": resources} if resources else {}),
+    })
+
+
+def cluster_shard_runner(cluster: ClusterConfig) -> Callable[[SampleConfig, ShardPlan, str], None]:
+    """A ``shard_runner`` for ``sempa_train.sampling.sample_candidates`` that uses the cluster."""
+
+    def run(cfg: SampleConfig, plan: ShardPlan, backend: str) -> None:
+        sample_shards.with_options(task_runner=dask_task_runner(cluster))(cfg, plan, backend,
+                                                                          cluster.resource_map())
+
+    return run

@@ -1,0 +1,150 @@
+"""Compare preference strategies under the same training budget: ``sempa experiment CONFIG.yaml``.
+
+The config has a run config's sections (``prepare``, ``sample``, ``rank``, ``train``, ``eval``,
+``embed``, ``retention``, ``gates``) shared by every arm, plus ``name``, ``out`` and ``strategies``:
+a mapping from arm name to section overrides (usually ``rank: {strategy: ...}``). The data are
+prepared and sampled once; each arm ranks, trains (same ``max_steps``) and is evaluated against
+the same untuned baseline. Every step's output is kept under ``out`` and reused when the experiment
+is started again, so a long run that stops resumes where it stopped. Results go to
+``out/results.json`` and ``out/results.md`` (the table in the README).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sempa_train.assessment import GateError, assess
+from sempa_train.io import code_version, now_iso, read_json, write_json, write_text
+from sempa_train.prepare import prepare
+from sempa_train.ranking import rank
+from sempa_train.sampling import sample_candidates
+from sempa_train.train import train_dpo
+from sempa_train.workflow import SECTIONS, RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def load_experiment(path: Path) -> tuple[str, Path, RunConfig, dict[str, RunConfig]]:
+    """``(name, out, shared config, {arm: config})`` from an experiment YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"experiment config {path} does not exist")
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    name, out, arms = values.pop("name", path.stem), values.pop("out", None), values.pop("strategies", None)
+    if not out or not arms:
+        raise ValueError(f"{path}: an experiment needs 'out' (a folder) and 'strategies' (arm → overrides)")
+    model = values.pop("model", None)
+    shared = {section: values.get(section) or {} for section in SECTIONS if section in values}
+    unknown = sorted(set(values) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}")
+    base = RunConfig.build(None, overrides=shared, model=model)
+    configs = {}
+    for arm, overrides in arms.items():
+        merged = {section: {**shared.get(section, {}), **(overrides or {}).get(section, {})} for section in SECTIONS}
+        configs[arm] = RunConfig.build(None, overrides=merged, model=model)
+    return name, Path(out), base, configs
+
+
+def _timed(label: str, timings: dict[str, float], fn: Any, *args: Any, **kwargs: Any) -> Any:
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    timings[label] = round(time.perf_counter() - start, 1)
+    log.info("experiment: %s took %.0fs", label, timings[label])
+    return result
+
+
+def run_experiment(path: Path) -> dict[str, Any]:
+    """Run (or resume) every arm of the experiment at ``path`` and write the results table."""
+    name, out, base, arms = load_experiment(path)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    data = out / "data"
+    if not (data / "triples").exists():
+        _timed("prepare", timings, prepare, base.prepare, data, overwrite=True)
+    needs_candidates = any(cfg.rank.strategy != "gold" for cfg in arms.values())
+    candidates = out / "candidates"
+    if needs_candidates and not candidates.exists():
+        _timed("sample", timings, sample_candidates, base.sample, data / "triples", candidates)
+    baseline_dir = out / "baseline"
+    if not (baseline_dir / "summary.json").is_file():
+        _timed("evaluate baseline", timings, assess, base.train.model, None, baseline_dir, eval_cfg=base.eval,
+               embed=base.embed, retention=base.retention)
+    rows = {"baseline": read_json(baseline_dir / "summary.json")}
+    for arm, cfg in arms.items():
+        arm_dir = out / arm
+        if not (arm_dir / "preferences").exists():
+            _timed(f"{arm}: rank", timings, rank, cfg.rank, arm_dir / "preferences", triples=data / "triples",
+                   candidates=candidates if cfg.rank.strategy != "gold" else None)
+        if not (arm_dir / "model").exists():
+            _timed(f"{arm}: train", timings, train_dpo, cfg.train, arm_dir / "preferences", arm_dir / "model")
+        if not (arm_dir / "eval" / "summary.json").is_file():
+            try:
+                _timed(f"{arm}: evaluate", timings, assess, cfg.train.model, arm_dir / "model" / "adapter",
+                       arm_dir / "eval", eval_cfg=cfg.eval, embed=cfg.embed, retention=cfg.retention,
+                       gates=cfg.gates, inputs={"preferences": str(arm_dir / "preferences"),
+                                                "train_log": str(arm_dir / "model" / "train_log.jsonl")})
+            except GateError as e:  # recorded in the arm's summary and the table; the other arms still run
+                log.warning("experiment: %s: %s", arm, e)
+        rows[arm] = read_json(arm_dir / "eval" / "summary.json")
+    results = {
+        "name": name, "created_at": now_iso(), "code_version": code_version(),
+        "wall_seconds_this_invocation": round(time.perf_counter() - started, 1), "timings": timings,
+        "config": base.to_dict(), "arms": {arm: cfg.to_dict() for arm, cfg in arms.items()},
+        "rows": {arm: _row(arm, summary, out) for arm, summary in rows.items()},
+    }
+    write_json(out / "results.json", results)
+    write_text(out / "results.md", results_table(results))
+    return results
+
+
+def _row(arm: str, summary: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The numbers of one arm: STS per task, retention, data and training facts."""
+    outputs = summary["outputs"]
+    tuned = read_json(Path(outputs["eval_tuned"])) if outputs.get("eval_tuned") else read_json(
+        Path(outputs["eval_base"]))
+    retention = summary.get("retention", {})
+    probe = retention.get("tuned") or retention.get("base") or {}
+    row: dict[str, Any] = {
+        "sts": {task: r["spearman"] for task, r in tuned["tasks"].items()},
+        "sts_avg": tuned["avg"],
+        "perplexity": probe.get("perplexity"),
+        "perplexity_ratio": retention.get("compare", {}).get("perplexity_ratio", 1.0 if arm == "baseline" else None),
+        "paraphrase_similarity": probe.get("paraphrase", {}).get("similarity_mean"),
+        "copy_rate": probe.get("paraphrase", {}).get("copy_rate"),
+        "gates": "" if arm == "baseline" else ("passed" if summary.get("gates", {}).get("passed", True) else "failed"),
+    }
+    arm_dir = out / arm
+    if (arm_dir / "model" / "metrics.json").is_file():
+        metrics = read_json(arm_dir / "model" / "metrics.json")
+        prefs = read_json(arm_dir / "preferences" / "manifest.json")
+        row.update(pairs=prefs["rows"], steps=metrics.get("global_steps"),
+                   train_seconds=metrics.get("train_runtime"),
+                   reward_accuracy=metrics.get("final_rewards_accuracies"))
+    return row
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """Markdown table: one row per arm, STS per task, retention, data size, training time."""
+    rows = results["rows"]
+    tasks = list(next(iter(rows.values()))["sts"])
+    header = ["arm", *tasks, "STS avg", "Δ avg", "perplexity", "ppl ratio", "paraphrase sim", "copy rate", "gates",
+              "pairs", "steps", "train s"]
+    base_avg = rows["baseline"]["sts_avg"]
+
+    def fmt(value: Any, spec: str = ".2f") -> str:
+        return "" if value is None else format(value, spec)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm, r in rows.items():
+        cells = [arm, *[fmt(r["sts"][t]) for t in tasks], fmt(r["sts_avg"]),
+                 "" if arm == "baseline" else f"{r['sts_avg'] - base_avg:+.2f}", fmt(r["perplexity"], ".1f"),
+                 fmt(r["perplexity_ratio"], ".3f"), fmt(r["paraphrase_similarity"], ".3f"), fmt(r["copy_rate"], ".2f"),
+                 r["gates"], str(r.get("pairs", "")), str(r.get("steps", "")), fmt(r.get("train_seconds"), ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,41 @@
+import json
+
+from conftest import SAMPLE_NLI
+from test_sts import make_senteval
+
+from sempa_train.cli import main
+
+
+def test_experiment_compares_arms_and_resumes(tmp_path, tiny_model_dir, capsys):
+    senteval = make_senteval(tmp_path / "senteval")
+    config = tmp_path / "exp.yaml"
+    out = tmp_path / "exp"
+    config.write_text(f"""
+name: tiny
+out: {out}
+model: {tiny_model_dir}
+prepare: {{source: {SAMPLE_NLI}, max_premises: 8}}
+sample: {{backend: transformers, n: 2, max_tokens: 12, shard_size: 4, dtype: float32}}
+rank: {{min_length_ratio: 0.0, max_length_ratio: 100.0, drop_truncated: false}}
+train: {{max_steps: 1, batch_size: 2}}
+eval: {{senteval_dir: {senteval}, tasks: [STSBenchmark], split: dev}}
+embed: {{dtype: float32}}
+retention: {{max_texts: 6, paraphrases: 2}}
+gates: {{max_perplexity_ratio: 0.5}}
+strategies:
+  gold: {{rank: {{strategy: gold}}}}
+  sampled: {{rank: {{strategy: sampled}}}}
+""")
+    assert main(["experiment", str(config)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["rows"]) == ["baseline", "gold", "sampled"]
+    assert results["rows"]["gold"]["steps"] == 1 and results["rows"]["sampled"]["pairs"] > 0
+    assert results["rows"]["gold"]["gates"] == "failed"  # a perplexity ratio of at most 0.5 cannot be met
+    table = (out / "results.md").read_text()
+    assert table.splitlines()[0].startswith("| arm | STSBenchmark | STS avg | Δ avg | perplexity")
+    assert "| sampled |" in capsys.readouterr().out
+
+    stamp = (out / "gold" / "model" / "manifest.json").stat().st_mtime_ns
+    assert main(["experiment", str(config)]) == 0  # resumes: nothing is retrained
+    assert (out / "gold" / "model" / "manifest.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "results.json").read_text())["timings"] == {}

@@ -1,0 +1,89 @@
+"""Scale-out: the sample stage on a local Dask cluster (127.0.0.1, two worker processes) through Prefect's
+DaskTaskRunner, with one worker killed in the middle."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import polars as pl
+import pytest
+from test_pipelines import prefect_harness  # noqa: F401 - module-scoped Prefect test server
+from test_sampling import cfg_for, tiny_triples  # noqa: F401 - fixtures
+
+from sempa_train.config import ClusterConfig
+from sempa_train.sampling import sample_candidates, work_dir_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """A scheduler and two single-threaded worker processes without nannies (a killed worker stays dead)."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", str(port), "--dashboard-address", ":0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    time.sleep(2)
+    for name in ("w1", "w2"):
+        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--name", name,
+                                       "--nthreads", "1", "--no-nanny", "--dashboard-address", ":0"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+    from distributed import Client
+
+    with Client(address, timeout=60) as client:
+        client.wait_for_workers(2, timeout=60)
+    try:
+        yield address, procs[1:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_sample_on_dask_survives_a_dead_worker(prefect_harness, dask_cluster, tiny_model_dir,  # noqa: F811
+                                                tiny_triples, tmp_path):  # noqa: F811
+    from pipelines.scale import cluster_shard_runner
+
+    address, workers = dask_cluster
+    cfg = cfg_for(tiny_model_dir, max_premises=24, shard_size=3, max_tokens=48, batch_size=1)
+    out = tmp_path / "cand"
+    work = work_dir_for(out)
+    killed: list[int] = []
+
+    def kill_one_worker() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(work.glob("shard-*.parquet")):
+            time.sleep(0.02)
+        workers[0].kill()  # SIGKILL: no goodbye to the scheduler
+        killed.append(len(list(work.glob("shard-*.parquet"))))
+
+    killer = threading.Thread(target=kill_one_worker)
+    killer.start()
+    runner = cluster_shard_runner(ClusterConfig(address=address))
+    result = sample_candidates(cfg, tiny_triples, out, shard_runner=runner)
+    killer.join()
+    assert workers[0].poll() is not None and killed and killed[0] < 8, "a worker should die mid-run"
+
+    table = pl.read_parquet(result.out_dir / "data.parquet")
+    single = pl.read_parquet(sample_candidates(cfg, tiny_triples, tmp_path / "single", show_progress=False).out_dir
+                             / "data.parquet")
+    assert result.counts["shards"] == 8
+    assert table["premise_id"].to_list() == single["premise_id"].to_list()
+    assert table.select("premise_id", "candidate_idx").equals(single.select("premise_id", "candidate_idx"))
