@@ -83,9 +83,9 @@ def sample_task(cfg: SampleConfig, triples: str, out: str, key: str, cluster: Cl
         if cluster is not None and cluster.enabled:
             from pipelines.scale import cluster_shard_runner
 
-            sample_candidates(cfg, Path(triples), Path(out), overwrite=True, shard_runner=cluster_shard_runner(cluster))
-        else:
-            call_in_subprocess(sample_candidates, cfg, Path(triples), Path(out), overwrite=True, show_progress=False)
+            sample_candidates(cfg, Path(triples), Path(out), shard_runner=cluster_shard_runner(cluster))
+        else:  # finished shards of a failed attempt are reused
+            call_in_subprocess(sample_candidates, cfg, Path(triples), Path(out), show_progress=False)
     finally:
         stop.set()
         watcher.join()

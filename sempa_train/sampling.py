@@ -393,9 +393,9 @@ def sample_candidates(
     by default vLLM runs in a child process and transformers in this one.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
+    if overwrite:  # start over: finished shards of an earlier run are not reused
         shutil.rmtree(work_dir_for(out_dir), ignore_errors=True)
     backend = resolve_backend(cfg.backend)
     plan = plan_shards(cfg, Path(triples), out_dir)

@@ -165,6 +165,10 @@ def test_changed_config_does_not_mix_shards(tiny_model_dir, tiny_triples, tmp_pa
     plan_shards(cfg_for(tiny_model_dir), tiny_triples, out)
     with pytest.raises(ValueError, match="another config"):
         plan_shards(cfg_for(tiny_model_dir, n=5), tiny_triples, out)
+    # --overwrite starts over: the other run's shards are dropped, not mixed in
+    result = sample_candidates(cfg_for(tiny_model_dir, n=1, max_premises=4), tiny_triples, out, overwrite=True,
+                               show_progress=False)
+    assert result.counts["candidates"] == 4
 
 
 def test_kill_9_midway_then_resume(tiny_model_dir, tiny_triples, tmp_path):
