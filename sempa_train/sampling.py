@@ -69,15 +69,22 @@ _PREFIX = re.compile(
     r"(?: of (?:the|this) sentence)?\s*(?:\d+\s*)?[:\-–]\s*",
     re.IGNORECASE,
 )
+# A longer lead-in that talks about the rewriting, up to a colon: "The sentence has been rephrased as follows:".
+_LEAD_IN = re.compile(
+    r"^[^:\"“]{0,80}\b(?:sentence|paraphras\w*|rephras\w*|rewrit\w*|reword\w*|version)\b[^:\"“]{0,40}:\s+(?=\S)",
+    re.IGNORECASE,
+)
 _QUOTES = "\"'“”‘’«»"
 _WHITESPACE = re.compile(r"\s+")
 
 
 def clean_candidate(raw: str) -> str:
     """The paraphrase inside a raw generation: the first line with content, without a leading
-    "Paraphrase:"-style label and surrounding quotes, whitespace collapsed ("" when nothing is left)."""
+    "Paraphrase:"-style label or a lead-in about the rewriting ("The sentence has been rephrased as
+    follows:"), without surrounding quotes, whitespace collapsed ("" when nothing is left)."""
     for line in raw.splitlines():
-        text = _WHITESPACE.sub(" ", _strip_quotes(_PREFIX.sub("", line.strip(), count=1).strip()))
+        text = _LEAD_IN.sub("", _PREFIX.sub("", line.strip(), count=1).strip(), count=1)
+        text = _WHITESPACE.sub(" ", _strip_quotes(text.strip()))
         if text:
             return text
     return ""

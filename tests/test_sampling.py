@@ -44,6 +44,9 @@ REQUIRE_VLLM = os.environ.get("SEMPA_REQUIRE_VLLM") == "1"  # set by .ci/run: no
         ('"The dog runs.', "The dog runs."),
         ("The dog runs.\"", "The dog runs."),
         ("It's the dog's ball.", "It's the dog's ball."),
+        ('The sentence has been rephrased as follows: "A girl blows out candles."', "A girl blows out candles."),
+        ("Here is a reworded version of your sentence: A dog runs.", "A dog runs."),
+        ("Note: the dog runs.", "Note: the dog runs."),  # a colon alone is not a lead-in
         ("\n\n", ""),
         ("Paraphrase:", ""),
     ],
