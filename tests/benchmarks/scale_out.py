@@ -36,12 +36,18 @@ def main() -> None:
     args = parser.parse_args()
 
     from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
 
     @flow
-    def warm_up() -> None:  # start the local Prefect API before timing
+    def warm_up() -> None:  # the API is up before timing starts
         return None
 
-    warm_up()
+    with prefect_test_harness(server_startup_timeout=120):  # a temporary local Prefect server
+        warm_up()
+        compare(args)
+
+
+def compare(args: argparse.Namespace) -> None:
     cfg = SampleConfig(model=args.model, backend="transformers", n=4, max_tokens=64, shard_size=8,
                        max_premises=args.premises, batch_size=8)
     results = {}
