@@ -7,9 +7,10 @@
 Run it without a server: ``python -m pipelines.flows`` (the built-in defaults).
 
 Parameters: ``stages`` (which stages run), ``config`` (a YAML run config: sections prepare, sample,
-rank, train, eval, embed), ``preset`` (train preset), one override mapping per stage, ``model``
-(the policy everywhere), ``dataset`` (name of the versioned dataset) and ``root`` (the store
-folder, relative to the working directory). The library validates them before any stage runs.
+rank, train, eval, embed, retention, gates, cluster), ``preset`` (train preset), one override mapping
+per section, ``model`` (the policy everywhere), ``adapter`` (for evaluate-only runs), ``dataset``
+(name of the versioned dataset) and ``root`` (the store folder, relative to the working directory).
+The library validates them before any stage runs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from pipelines.tasks import evaluate_task, prepare_task, rank_task, sample_task, train_task
@@ -123,11 +124,15 @@ def sempa(
         outputs.update(eval_dir=str(eval_dir), report=str(eval_dir / "report.md"), sts=summary["sts"])
         print(summary["sts"]["table"])
 
+    files = {k: v for k, v in outputs.items() if isinstance(v, str)}
     create_markdown_artifact(
         key="outputs", description="where this run's files are",
-        markdown="## Outputs\n\n" + "\n".join(f"- **{k}**: `{v}`" for k, v in outputs.items()
-                                              if isinstance(v, str)) + "\n",
+        markdown="## Outputs\n\n" + "\n".join(f"- **{k}**: [`{v}`]({Path(v).resolve().as_uri()})"
+                                              for k, v in files.items()) + "\n",
     )
+    for name in ("report", "dataset_version"):
+        if name in files:
+            create_link_artifact(link=Path(files[name]).resolve().as_uri(), link_text=name.replace("_", " "))
     return outputs
 
 

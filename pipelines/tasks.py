@@ -37,7 +37,8 @@ def by_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"{context.task.name}-{parameters['key']}"
 
 
-STAGE_TASK = {"retries": 2, "retry_delay_seconds": 5, "cache_key_fn": by_key, "persist_result": True}
+CACHED = {"cache_key_fn": by_key, "persist_result": True}
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5}  # reading sources and writing datasets can fail transiently
 
 
 def dataset_artifact(path: Path, title: str) -> None:
@@ -50,7 +51,7 @@ def dataset_artifact(path: Path, title: str) -> None:
     create_table_artifact(table=rows, key=None, description=f"{title}: {path}")
 
 
-@task(name="prepare", **STAGE_TASK)
+@task(name="prepare", **CACHED, **IO_RETRIES)
 def prepare_task(cfg: PrepareConfig, out: str, key: str) -> str:
     """NLI source → triples + gold preferences."""
     if Path(out).exists():  # complete (stage folders appear atomically): a Prefect cache miss only
@@ -60,7 +61,7 @@ def prepare_task(cfg: PrepareConfig, out: str, key: str) -> str:
     return out
 
 
-@task(name="sample", **STAGE_TASK)
+@task(name="sample", **CACHED, retries=1, retry_delay_seconds=5)  # a retry resumes at the unfinished shards
 def sample_task(cfg: SampleConfig, triples: str, out: str, key: str, cluster: ClusterConfig | None = None) -> str:
     """Paraphrase candidates, with a progress artifact fed from the finished shards: in a subprocess, or with
     the shards spread over a Dask cluster when ``cluster`` is enabled."""
@@ -99,7 +100,7 @@ def _premise_count(triples: str, limit: int | None) -> int:
     return min(n, limit) if limit else n
 
 
-@task(name="rank", **STAGE_TASK)
+@task(name="rank", **CACHED, **IO_RETRIES)
 def rank_task(cfg: RankConfig, triples: str | None, candidates: str | None, out: str, key: str) -> str:
     """Scored, filtered preference triples (scorer loaded in a subprocess)."""
     if Path(out).exists():
@@ -110,7 +111,7 @@ def rank_task(cfg: RankConfig, triples: str | None, candidates: str | None, out:
     return out
 
 
-@task(name="train", **STAGE_TASK)
+@task(name="train", **CACHED)  # no retry: a failed training run is a bug or a resource problem to look at
 def train_task(cfg: TrainConfig, data: str, out: str, key: str) -> str:
     """DPO + LoRA in a subprocess (its memory is returned when it ends)."""
     if Path(out).exists():

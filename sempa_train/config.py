@@ -57,9 +57,8 @@ class StageConfig:
                 f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
             )
         hints = typing.get_type_hints(cls)
-        merged = (base or cls()).to_dict()  # type: ignore[call-arg]
-        merged.update({k: _coerce(v, hints[k]) for k, v in values.items()})
-        return cls(**merged)
+        merged = {**(base or cls()).to_dict(), **values}  # type: ignore[call-arg]
+        return cls(**{k: _coerce(v, hints[k]) for k, v in merged.items()})
 
     @classmethod
     def load(cls, path: Path, *, base: Self | None = None) -> Self:
@@ -123,13 +122,11 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type[StageConfig], *, skip: tuple[str, ...] = ()) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type[StageConfig]) -> None:
     """Add one ``--flag`` per field of ``cls``; flags the user does not pass stay unset."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} (defaults shown; a --config file or preset may change them)")
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in skip:
-            continue
         base = _base_type(hints[f.name])
         kwargs: dict[str, Any] = {
             "dest": f.name,
@@ -182,8 +179,9 @@ class PrepareConfig(StageConfig):
     template: str = option("P1", "paraphrase template: P1-P5 or a custom text with {sentence}")
     pairing: str = option("one", "one: one (entailment, contradiction) per premise, chosen with the seed; "
                           "all: every combination", choices=PAIRINGS)
-    seed: int = option(0, "seed for picking hypotheses and for the row order")
-    max_premises: int | None = option(None, "keep at most this many premises (after shuffling with the seed)")
+    seed: int = option(0, "seed for picking each premise's hypotheses and the max_premises subset")
+    max_premises: int | None = option(None, "keep a seeded random subset of this many premises (of those with "
+                                      "both an entailment and a contradiction)")
 
     def __post_init__(self) -> None:
         _check_choice("source_format", self.source_format, SOURCE_FORMATS)

@@ -105,15 +105,19 @@ def write_parquet(df: pl.DataFrame, path: Path, schema: pl.Schema) -> None:
         df.select(list(schema)).write_parquet(tmp, compression="zstd")
 
 
-def read_parquet(path: Path, schema: pl.Schema) -> pl.DataFrame:
-    """Read a Parquet file and check it against ``schema`` (columns returned in schema order)."""
-    path = Path(path)
+def _load_parquet(path: Path) -> pl.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such Parquet file")
     try:
-        df = pl.read_parquet(path)
+        return pl.read_parquet(path)
     except Exception as e:  # polars raises several types for a damaged file
         raise ValueError(f"{path}: cannot be read as Parquet ({e})") from e
+
+
+def read_parquet(path: Path, schema: pl.Schema) -> pl.DataFrame:
+    """Read a Parquet file and check it against ``schema`` (columns returned in schema order)."""
+    path = Path(path)
+    df = _load_parquet(path)
     check_schema(df, schema, str(path))
     return df.select(list(schema))
 
@@ -205,12 +209,7 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
 
 def read_any(path: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Read a dataset folder or Parquet file of any kind, unchecked (for inspection), with its manifest."""
-    file = resolve_dataset_file(Path(path))
-    try:
-        df = pl.read_parquet(file)
-    except Exception as e:
-        raise ValueError(f"{file}: cannot be read as Parquet ({e})") from e
-    return df, read_manifest(Path(path))
+    return _load_parquet(resolve_dataset_file(Path(path))), read_manifest(Path(path))
 
 
 def write_dataset(

@@ -86,16 +86,22 @@ def preference_row(
 
 def gold_preferences(triples: pl.DataFrame, template: str = "P1") -> pl.DataFrame:
     """The paper's preference table: prompt = template(premise), chosen = entailment, rejected = contradiction."""
-    rows = [
-        preference_row(
-            premise_id=t["premise_id"], premise=t["premise"], template=template,
-            chosen=t["entailment"], rejected=t["contradiction"],
-            chosen_origin="gold", rejected_origin="gold", strategy="gold", source=t["source"],
-            chosen_row=t["entailment_row"], rejected_row=t["contradiction_row"],
-        )
-        for t in triples.iter_rows(named=True)
-    ]
+    rows = [gold_row(t, template=template, strategy="gold") for t in triples.iter_rows(named=True)]
     return pl.DataFrame(rows, schema=PREFERENCE_SCHEMA)
+
+
+def gold_row(triple: dict[str, Any], *, template: str, strategy: str,
+             scores: dict[tuple[str, str], float] | None = None) -> dict[str, object]:
+    """The gold pair of one NLI triple (entailment over contradiction), scored when ``scores`` has them."""
+    premise, scores = triple["premise"], scores or {}
+    return preference_row(
+        premise_id=triple["premise_id"], premise=premise, template=template,
+        chosen=triple["entailment"], rejected=triple["contradiction"], chosen_origin="gold", rejected_origin="gold",
+        strategy=strategy, source=triple["source"],
+        chosen_score=scores.get((premise, triple["entailment"])),
+        rejected_score=scores.get((premise, triple["contradiction"])),
+        chosen_row=triple["entailment_row"], rejected_row=triple["contradiction_row"],
+    )
 
 
 def filter_candidates(
@@ -206,8 +212,8 @@ def rank_preferences(
             row = _sampled_row(cfg, pid, premise, kept.get(pid, []), triple, scores, drops, source)
             if row is None and cfg.strategy == "hybrid" and triple is not None:
                 drops["hybrid_fallback_to_gold"] += 1
-        if row is None and triple is not None and (cfg.strategy != "sampled"):
-            row = _gold_row(cfg, triple, scores)
+        if row is None and triple is not None and cfg.strategy != "sampled":
+            row = gold_row(triple, template=cfg.template, strategy=cfg.strategy, scores=scores)
         if row is None:
             continue
         if cfg.min_margin is not None and row["margin"] is not None and row["margin"] < cfg.min_margin:
@@ -225,18 +231,6 @@ def rank_preferences(
     if candidates is not None:
         counts["candidates"] = candidates.height
     return Ranked(table=table, counts=counts, drops=dict(sorted(drops.items())))
-
-
-def _gold_row(cfg: RankConfig, triple: dict[str, Any], scores: dict[tuple[str, str], float]) -> dict[str, object]:
-    premise = triple["premise"]
-    return preference_row(
-        premise_id=triple["premise_id"], premise=premise, template=cfg.template,
-        chosen=triple["entailment"], rejected=triple["contradiction"], chosen_origin="gold", rejected_origin="gold",
-        strategy=cfg.strategy, source=triple["source"],
-        chosen_score=scores.get((premise, triple["entailment"])),
-        rejected_score=scores.get((premise, triple["contradiction"])),
-        chosen_row=triple["entailment_row"], rejected_row=triple["contradiction_row"],
-    )
 
 
 def _sampled_row(
