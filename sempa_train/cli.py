@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "arm ranking, DPO training and evaluation against the untuned baseline. Writes "
                        "OUT/results.json and OUT/results.md.")
     p.add_argument("config", type=Path, help="experiment YAML (see sempa_train/configs/experiments/)")
+    p.add_argument("--results-only", action="store_true",
+                   help="run nothing: write the results table of the arms evaluated so far (of a stopped run)")
     p.add_argument("-v", "--verbose", action="store_true", help="show library logs too")
 
     p = sub.add_parser("report", help="rebuild report.md and its plots from an evaluation folder",
@@ -227,7 +229,7 @@ def _cmd_prefect(args: argparse.Namespace) -> None:
 def _cmd_experiment(args: argparse.Namespace) -> None:
     from sempa_train.experiment import results_table, run_experiment
 
-    print(results_table(run_experiment(args.config)))
+    print(results_table(run_experiment(args.config, run=not args.results_only)))
 
 
 def _cmd_report(args: argparse.Namespace) -> None:

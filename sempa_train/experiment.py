@@ -59,9 +59,14 @@ def _timed(label: str, timings: dict[str, float], fn: Any, *args: Any, **kwargs:
     return result
 
 
-def run_experiment(path: Path) -> dict[str, Any]:
-    """Run (or resume) every arm of the experiment at ``path`` and write the results table."""
+def run_experiment(path: Path, *, run: bool = True) -> dict[str, Any]:
+    """Run (or resume) every arm of the experiment at ``path`` and write the results table.
+
+    ``run=False`` runs nothing: it writes the table of the arms already evaluated (of a run that
+    was stopped, say) and lists the others under ``missing``."""
     name, out, base, arms = load_experiment(path)
+    if not run:
+        return _write_results(name, out, base, arms, {}, 0.0)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     data = out / "data"
@@ -75,7 +80,6 @@ def run_experiment(path: Path) -> dict[str, Any]:
     if not (baseline_dir / "summary.json").is_file():
         _timed("evaluate baseline", timings, assess, base.train.model, None, baseline_dir, eval_cfg=base.eval,
                embed=base.embed, retention=base.retention)
-    rows = {"baseline": read_json(baseline_dir / "summary.json")}
     for arm, cfg in arms.items():
         arm_dir = out / arm
         if not (arm_dir / "preferences").exists():
@@ -91,16 +95,29 @@ def run_experiment(path: Path) -> dict[str, Any]:
                                                 "train_log": str(arm_dir / "model" / "train_log.jsonl")})
             except GateError as e:  # recorded in the arm's summary and the table; the other arms still run
                 log.warning("experiment: %s: %s", arm, e)
-        rows[arm] = read_json(arm_dir / "eval" / "summary.json")
+    return _write_results(name, out, base, arms, timings, time.perf_counter() - started)
+
+
+def _write_results(name: str, out: Path, base: RunConfig, arms: dict[str, RunConfig], timings: dict[str, float],
+                   seconds: float) -> dict[str, Any]:
+    """``out/results.json`` and ``out/results.md`` from the baseline and every arm evaluated so far."""
+    if not (out / "baseline" / "summary.json").is_file():
+        raise FileNotFoundError(f"{out / 'baseline'} has no summary.json: the experiment's baseline was not evaluated")
+    done = ["baseline", *(arm for arm in arms if (out / arm / "eval" / "summary.json").is_file())]
     results = {
         "name": name, "created_at": now_iso(), "code_version": code_version(),
-        "wall_seconds_this_invocation": round(time.perf_counter() - started, 1), "timings": timings,
+        "wall_seconds_this_invocation": round(seconds, 1), "timings": timings,
         "config": base.to_dict(), "arms": {arm: cfg.to_dict() for arm, cfg in arms.items()},
-        "rows": {arm: _row(arm, summary, out) for arm, summary in rows.items()},
+        "rows": {arm: _row(arm, read_json(_summary_path(out, arm)), out) for arm in done},
+        "missing": [arm for arm in arms if arm not in done],
     }
     write_json(out / "results.json", results)
     write_text(out / "results.md", results_table(results))
     return results
+
+
+def _summary_path(out: Path, arm: str) -> Path:
+    return out / "baseline" / "summary.json" if arm == "baseline" else out / arm / "eval" / "summary.json"
 
 
 def _row(arm: str, summary: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -147,4 +164,6 @@ def results_table(results: dict[str, Any]) -> str:
                  fmt(r["perplexity_ratio"], ".3f"), fmt(r["paraphrase_similarity"], ".3f"), fmt(r["copy_rate"], ".2f"),
                  r["gates"], str(r.get("pairs", "")), str(r.get("steps", "")), fmt(r.get("train_seconds"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
+    if results.get("missing"):
+        lines.append(f"\nNot evaluated yet: {', '.join(results['missing'])}.")
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 from conftest import SAMPLE_NLI
 from test_sts import make_senteval
@@ -39,3 +40,11 @@ strategies:
     assert main(["experiment", str(config)]) == 0  # resumes: nothing is retrained
     assert (out / "gold" / "model" / "manifest.json").stat().st_mtime_ns == stamp
     assert json.loads((out / "results.json").read_text())["timings"] == {}
+
+    # a stopped run: --results-only tabulates the arms evaluated so far and names the others
+    shutil.rmtree(out / "sampled" / "eval")
+    assert main(["experiment", str(config), "--results-only"]) == 0
+    partial = json.loads((out / "results.json").read_text())
+    assert list(partial["rows"]) == ["baseline", "gold"] and partial["missing"] == ["sampled"]
+    assert not (out / "sampled" / "eval").exists()  # nothing was run
+    assert "Not evaluated yet: sampled." in (out / "results.md").read_text()
