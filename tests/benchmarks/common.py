@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +54,18 @@ def save(name: str, result: dict[str, Any]) -> Path:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=str)
+
+
+@contextlib.contextmanager
+def prefect_server() -> Iterator[None]:
+    """A temporary local Prefect server for the block, already answering when the block starts timing."""
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    @flow
+    def warm_up() -> None:
+        return None
+
+    with prefect_test_harness(server_startup_timeout=120):
+        warm_up()
+        yield

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import dumps, save
+from common import dumps, prefect_server, save
 
 from sempa_train.evaluation import run_sts_eval
 from sempa_train.prepare import prepare
@@ -73,15 +73,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    from prefect import flow
-    from prefect.testing.utilities import prefect_test_harness
-
-    @flow
-    def warm_up() -> None:  # the API is up before timing starts
-        return None
-
-    with prefect_test_harness(server_startup_timeout=120):  # a temporary local Prefect server
-        warm_up()
+    with prefect_server():
         compare(args)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker process (inherited by the workers)
 
-from common import dumps, save  # noqa: E402
+from common import dumps, prefect_server, save  # noqa: E402
 
 from sempa_train.config import ClusterConfig, PrepareConfig, SampleConfig  # noqa: E402
 from sempa_train.prepare import prepare  # noqa: E402
@@ -43,15 +43,7 @@ def main() -> None:
         compare(args)
         return
 
-    from prefect import flow
-    from prefect.testing.utilities import prefect_test_harness
-
-    @flow
-    def warm_up() -> None:  # the API is up before timing starts
-        return None
-
-    with prefect_test_harness(server_startup_timeout=120):  # a temporary local Prefect server
-        warm_up()
+    with prefect_server():
         compare(args)
 
 
