@@ -21,7 +21,7 @@ from scipy.stats import spearmanr
 
 from sempa_train.config import EmbedConfig, EvalConfig
 from sempa_train.embedding import Encoder, cosine, encoder_kind, load_encoder
-from sempa_train.io import write_json, write_parquet
+from sempa_train.io import read_parquet, write_json, write_parquet
 from sempa_train.models import resolve_model
 from sempa_train.schemas import PREDICTIONS_SCHEMA
 from sempa_train.sts_data import STSSubset, load_tasks
@@ -86,6 +86,35 @@ def predictions_table(tasks: dict[str, list[STSSubset]], similarities: dict[str,
         for task, subsets in tasks.items() for sub, sim in zip(subsets, similarities[task], strict=True)
     ]
     return pl.concat(frames) if frames else pl.DataFrame(schema=PREDICTIONS_SCHEMA)
+
+
+def paired_bootstrap(gold: np.ndarray, base: np.ndarray, tuned: np.ndarray, *, samples: int = 1000,
+                     seed: int = 0) -> tuple[float, float]:
+    """95 % interval of ``spearman(tuned) - spearman(base)`` (x100) over pairs resampled with replacement,
+    the same resample for both models: tells a real change from the sampling noise of one dev set."""
+    if not len(gold) == len(base) == len(tuned):
+        raise ValueError(f"paired bootstrap needs equal lengths, got {len(gold)}, {len(base)}, {len(tuned)}")
+    rng = np.random.default_rng(seed)
+    deltas = np.empty(samples)
+    for i in range(samples):
+        idx = rng.integers(0, len(gold), len(gold))
+        deltas[i] = spearman100(tuned[idx], gold[idx]) - spearman100(base[idx], gold[idx])
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def delta_intervals(base_json: Path, tuned_json: Path) -> dict[str, tuple[float, float]]:
+    """Per task, the paired-bootstrap interval of the Spearman change between two evaluations of the same pairs."""
+    base = read_parquet(predictions_path(base_json), PREDICTIONS_SCHEMA)
+    tuned = read_parquet(predictions_path(tuned_json), PREDICTIONS_SCHEMA)
+    same = ["task", "subset", "sentence1", "sentence2", "gold"]
+    if base.height != tuned.height or not base.select(same).equals(tuned.select(same)):
+        raise ValueError(f"{predictions_path(base_json)} and {predictions_path(tuned_json)} score different pairs")
+    intervals = {}
+    for (task,), rows in base.with_columns(tuned_cosine=tuned["cosine"]).group_by("task", maintain_order=True):
+        intervals[task] = paired_bootstrap(rows["gold"].to_numpy(), rows["cosine"].to_numpy(),
+                                           rows["tuned_cosine"].to_numpy())
+    return intervals
 
 
 def predictions_path(results_json: Path) -> Path:

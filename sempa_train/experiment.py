@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from sempa_train.assessment import GateError, assess
+from sempa_train.evaluation import delta_intervals, predictions_path
 from sempa_train.io import code_version, now_iso, read_json, write_json, write_text
 from sempa_train.prepare import prepare
 from sempa_train.ranking import rank
@@ -136,6 +137,9 @@ def _row(arm: str, summary: dict[str, Any], out: Path) -> dict[str, Any]:
         "copy_rate": probe.get("paraphrase", {}).get("copy_rate"),
         "gates": "" if arm == "baseline" else ("passed" if summary.get("gates", {}).get("passed", True) else "failed"),
     }
+    evals = [Path(outputs[k]) for k in ("eval_base", "eval_tuned") if outputs.get(k)]
+    if len(evals) == 2 and all(predictions_path(e).is_file() for e in evals):  # not in copies without Parquet
+        row["sts_delta_ci"] = delta_intervals(*evals)
     arm_dir = out / arm
     if (arm_dir / "model" / "metrics.json").is_file():
         metrics = read_json(arm_dir / "model" / "metrics.json")
@@ -147,11 +151,12 @@ def _row(arm: str, summary: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """Markdown table: one row per arm, STS per task, retention, data size, training time."""
+    """Markdown table: one row per arm, STS per task, the first task's change with its paired-bootstrap 95 %
+    interval, retention, data size, training time."""
     rows = results["rows"]
     tasks = list(next(iter(rows.values()))["sts"])
-    header = ["arm", *tasks, "STS avg", "Δ avg", "perplexity", "ppl ratio", "paraphrase sim", "copy rate", "gates",
-              "pairs", "steps", "train s"]
+    header = ["arm", *tasks, f"Δ {tasks[0]} (95% CI)", "STS avg", "Δ avg", "perplexity", "ppl ratio",
+              "paraphrase sim", "copy rate", "gates", "pairs", "steps", "train s"]
     base_avg = rows["baseline"]["sts_avg"]
 
     def fmt(value: Any, spec: str = ".2f") -> str:
@@ -159,7 +164,13 @@ def results_table(results: dict[str, Any]) -> str:
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm, r in rows.items():
-        cells = [arm, *[fmt(r["sts"][t]) for t in tasks], fmt(r["sts_avg"]),
+        delta = ""
+        if arm != "baseline":
+            delta = f"{r['sts'][tasks[0]] - rows['baseline']['sts'][tasks[0]]:+.2f}"
+            if tasks[0] in r.get("sts_delta_ci", {}):
+                low, high = r["sts_delta_ci"][tasks[0]]
+                delta += f" [{low:+.2f}, {high:+.2f}]"
+        cells = [arm, *[fmt(r["sts"][t]) for t in tasks], delta, fmt(r["sts_avg"]),
                  "" if arm == "baseline" else f"{r['sts_avg'] - base_avg:+.2f}", fmt(r["perplexity"], ".1f"),
                  fmt(r["perplexity_ratio"], ".3f"), fmt(r["paraphrase_similarity"], ".3f"), fmt(r["copy_rate"], ".2f"),
                  r["gates"], str(r.get("pairs", "")), str(r.get("steps", "")), fmt(r.get("train_seconds"), ".0f")]

@@ -33,7 +33,9 @@ strategies:
     assert results["rows"]["gold"]["steps"] == 1 and results["rows"]["sampled"]["pairs"] > 0
     assert results["rows"]["gold"]["gates"] == "failed"  # a perplexity ratio of at most 0.5 cannot be met
     table = (out / "results.md").read_text()
-    assert table.splitlines()[0].startswith("| arm | STSBenchmark | STS avg | Δ avg | perplexity")
+    assert table.splitlines()[0].startswith("| arm | STSBenchmark | Δ STSBenchmark (95% CI) | STS avg | Δ avg |")
+    low, high = results["rows"]["gold"]["sts_delta_ci"]["STSBenchmark"]
+    assert low <= high and f"[{low:+.2f}, {high:+.2f}]" in table
     assert "| sampled |" in capsys.readouterr().out
 
     stamp = (out / "gold" / "model" / "manifest.json").stat().st_mtime_ns

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sempa_train.evaluation import evaluate_sts, format_table, spearman100, task_metrics
+from sempa_train.evaluation import evaluate_sts, format_table, paired_bootstrap, spearman100, task_metrics
 from sempa_train.sts_data import STS_SUBSETS, STSDataError, STSSubset, load_senteval_task, load_tasks
 
 
@@ -100,3 +100,16 @@ def test_evaluate_sts_contract(tmp_path):
     json.dumps(results)  # the contract is JSON-serialisable
     table = format_table(results, compare=results)
     assert "STSBenchmark" in table and "+0.00" in table
+
+
+def test_paired_bootstrap_separates_a_real_change_from_none():
+    rng = np.random.default_rng(1)
+    gold = rng.uniform(0, 5, 400)
+    noisy = gold + rng.normal(0, 2.0, 400)
+    assert paired_bootstrap(gold, noisy, noisy, samples=200) == (0.0, 0.0)  # same model: no change at all
+    low, high = paired_bootstrap(gold, noisy, gold + rng.normal(0, 0.5, 400), samples=200)
+    assert 0 < low < high  # a much better model: the whole interval is above zero
+    low, high = paired_bootstrap(gold, noisy, noisy + rng.normal(0, 0.3, 400), samples=200)
+    assert low < 0 < high  # a small perturbation: the interval straddles zero
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_bootstrap(gold, noisy[:10], noisy)
