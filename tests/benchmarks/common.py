@@ -44,16 +44,15 @@ def machine() -> dict[str, Any]:
     }
 
 
-def save(name: str, result: dict[str, Any]) -> Path:
-    """Write ``results/<name>.json`` with the machine and code version added."""
+def save(name: str, result: dict[str, Any], *, tag: str = "") -> Path:
+    """Write ``results/<name>[-<tag>].json`` with the machine and code version added; print it and where it went."""
+    name = f"{name}-{tag}" if tag else name
     path = RESULTS / f"{name}.json"
     write_json(path, {"benchmark": name, "created_at": now_iso(), "code_version": code_version(),
                       "machine": machine(), **result})
+    print(json.dumps(result, indent=2, default=str))
+    print(f"written to {path}")
     return path
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str)
 
 
 @contextlib.contextmanager

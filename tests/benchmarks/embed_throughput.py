@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 import torch
-from common import dumps, save
+from common import save
 
 from sempa_train.config import EmbedConfig
 from sempa_train.embedding import cosine, load_encoder
@@ -94,9 +94,7 @@ def main() -> None:
         "dtype_auto_resolved": str(next(ours_auto.model.parameters()).dtype),
         "results": rows,
     }
-    path = save("embed_throughput", result)
-    print(dumps(result))
-    print(f"written to {path}")
+    save("embed_throughput", result)
 
 
 if __name__ == "__main__":

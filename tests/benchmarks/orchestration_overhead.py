@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import dumps, prefect_server, save
+from common import prefect_server, save
 
 from sempa_train.evaluation import run_sts_eval
 from sempa_train.prepare import prepare
@@ -100,9 +100,7 @@ def compare(args: argparse.Namespace) -> None:
     result = {"times": {k: [round(t, 2) for t in v] for k, v in times.items()},
               "direct_seconds": round(direct, 2), "flow_seconds": round(flowed, 2),
               "overhead_seconds": round(flowed - direct, 2), "flow_over_direct": round(flowed / direct, 2)}
-    path = save("orchestration_overhead", result)
-    print(dumps(result))
-    print(f"written to {path}")
+    save("orchestration_overhead", result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import argparse
 import os
 import time
 
-from common import dumps, save
+from common import save
 
 from sempa_train.config import SampleConfig
 from sempa_train.models import load_tokenizer, resolve_model, use_chat_template
@@ -87,9 +87,7 @@ def main() -> None:
                                                 "vllm_max_num_seqs": args.max_num_seqs},
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "results": results,
               "vllm_over_transformers": ratios}
-    path = save("sample_throughput" + (f"-{args.tag}" if args.tag else ""), result)
-    print(dumps(result))
-    print(f"written to {path}")
+    save("sample_throughput", result, tag=args.tag)
 
 
 if __name__ == "__main__":

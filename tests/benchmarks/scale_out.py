@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker process (inherited by the workers)
 
-from common import dumps, prefect_server, save  # noqa: E402
+from common import prefect_server, save  # noqa: E402
 
 from sempa_train.config import ClusterConfig, PrepareConfig, SampleConfig  # noqa: E402
 from sempa_train.prepare import prepare  # noqa: E402
@@ -70,9 +70,7 @@ def compare(args: argparse.Namespace) -> None:
     out = {"model": args.model, "premises": args.premises, "settings": {"n": 4, "max_tokens": 64, "shard_size": 8,
                                                                          "threads_per_worker": 1},
            "results": results}
-    path = save("scale_out" + (f"-{args.tag}" if args.tag else ""), out)
-    print(dumps(out))
-    print(f"written to {path}")
+    save("scale_out", out, tag=args.tag)
 
 
 if __name__ == "__main__":
