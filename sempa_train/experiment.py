@@ -77,10 +77,9 @@ def run_experiment(path: Path, *, run: bool = True) -> dict[str, Any]:
     candidates = out / "candidates"
     if needs_candidates and not candidates.exists():
         _timed("sample", timings, sample_candidates, base.sample, data / "triples", candidates)
-    baseline_dir = out / "baseline"
-    if not (baseline_dir / "summary.json").is_file():
-        _timed("evaluate baseline", timings, assess, base.train.model, None, baseline_dir, eval_cfg=base.eval,
-               embed=base.embed, retention=base.retention)
+    if not _evaluated(out, "baseline"):
+        _timed("evaluate baseline", timings, assess, base.train.model, None, _eval_dir(out, "baseline"),
+               eval_cfg=base.eval, embed=base.embed, retention=base.retention)
     for arm, cfg in arms.items():
         arm_dir = out / arm
         if not (arm_dir / "preferences").exists():
@@ -88,10 +87,10 @@ def run_experiment(path: Path, *, run: bool = True) -> dict[str, Any]:
                    candidates=candidates if cfg.rank.strategy != "gold" else None)
         if not (arm_dir / "model").exists():
             _timed(f"{arm}: train", timings, train_dpo, cfg.train, arm_dir / "preferences", arm_dir / "model")
-        if not (arm_dir / "eval" / "summary.json").is_file():
+        if not _evaluated(out, arm):
             try:
                 _timed(f"{arm}: evaluate", timings, assess, cfg.train.model, arm_dir / "model" / "adapter",
-                       arm_dir / "eval", eval_cfg=cfg.eval, embed=cfg.embed, retention=cfg.retention,
+                       _eval_dir(out, arm), eval_cfg=cfg.eval, embed=cfg.embed, retention=cfg.retention,
                        gates=cfg.gates, inputs={"preferences": str(arm_dir / "preferences"),
                                                 "train_log": str(arm_dir / "model" / "train_log.jsonl")})
             except GateError as e:  # recorded in the arm's summary and the table; the other arms still run
@@ -102,14 +101,15 @@ def run_experiment(path: Path, *, run: bool = True) -> dict[str, Any]:
 def _write_results(name: str, out: Path, base: RunConfig, arms: dict[str, RunConfig], timings: dict[str, float],
                    seconds: float) -> dict[str, Any]:
     """``out/results.json`` and ``out/results.md`` from the baseline and every arm evaluated so far."""
-    if not (out / "baseline" / "summary.json").is_file():
-        raise FileNotFoundError(f"{out / 'baseline'} has no summary.json: the experiment's baseline was not evaluated")
-    done = ["baseline", *(arm for arm in arms if (out / arm / "eval" / "summary.json").is_file())]
+    if not _evaluated(out, "baseline"):
+        raise FileNotFoundError(f"{_eval_dir(out, 'baseline')} has no summary.json: the experiment's baseline "
+                                "was not evaluated")
+    done = ["baseline", *(arm for arm in arms if _evaluated(out, arm))]
     results = {
         "name": name, "created_at": now_iso(), "code_version": code_version(),
         "wall_seconds_this_invocation": round(seconds, 1), "timings": timings,
         "config": base.to_dict(), "arms": {arm: cfg.to_dict() for arm, cfg in arms.items()},
-        "rows": {arm: _row(arm, read_json(_summary_path(out, arm)), out) for arm in done},
+        "rows": {arm: _row(arm, read_json(_eval_dir(out, arm) / "summary.json"), out) for arm in done},
         "missing": [arm for arm in arms if arm not in done],
     }
     write_json(out / "results.json", results)
@@ -117,8 +117,13 @@ def _write_results(name: str, out: Path, base: RunConfig, arms: dict[str, RunCon
     return results
 
 
-def _summary_path(out: Path, arm: str) -> Path:
-    return out / "baseline" / "summary.json" if arm == "baseline" else out / arm / "eval" / "summary.json"
+def _eval_dir(out: Path, arm: str) -> Path:
+    """Where an arm's evaluation (``summary.json``, report) lives; the untuned baseline has its own folder."""
+    return out / "baseline" if arm == "baseline" else out / arm / "eval"
+
+
+def _evaluated(out: Path, arm: str) -> bool:
+    return (_eval_dir(out, arm) / "summary.json").is_file()
 
 
 def _row(arm: str, summary: dict[str, Any], out: Path) -> dict[str, Any]:
