@@ -85,7 +85,7 @@ def assess(
         from sempa_train.embedding import load_encoder
 
         encoder = load_encoder(RETENTION_ENCODER, show_progress=False)
-        probes = {"base": run_retention(model, None, retention, encoder)}
+        probes = {"base": run_retention(model, None, retention, encoder, cache=eval_cfg.cache_base)}
         if adapter:
             probes["tuned"] = run_retention(model, adapter, retention, encoder)
             probes["compare"] = compare(probes["base"], probes["tuned"])

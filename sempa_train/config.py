@@ -97,12 +97,20 @@ def _coerce(value: Any, hint: Any) -> Any:
         return None
     base = _base_type(hint)
     if base is tuple:
-        if isinstance(value, str):
-            return tuple(p.strip() for p in value.split(",") if p.strip())
-        return tuple(value)
+        items = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
+        element = _element_type(hint)
+        return tuple(element(v) if element in (int, float) else v for v in items)
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+def _element_type(hint: Any) -> Any:
+    """``tuple[float, ...] | None`` → float."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    args = typing.get_args(hint)
+    return args[0] if args else str
 
 
 def _base_type(hint: Any) -> Any:
@@ -191,7 +199,8 @@ class PrepareConfig(StageConfig):
             _check_positive("max_premises", self.max_premises)
 
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")  # TRL 1.x DPOTrainer
 CHAT_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -200,22 +209,33 @@ DEVICES = ("auto", "cpu", "cuda")
 class TrainConfig(StageConfig):
     """DPO with LoRA through TRL's ``DPOTrainer``.
 
-    Model: ``model``, ``chat_template``, ``device``, ``bf16``. DPO: ``beta``, ``loss_type``.
+    Model: ``model``, ``chat_template``, ``device``, ``bf16``. Objective: ``beta``, ``loss_type``,
+    ``loss_weights``, ``ld_alpha``, ``dpop_lambda``.
     LoRA: ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``. Optimisation:
     ``learning_rate``, ``warmup_ratio``, ``lr_scheduler``, ``epochs``, ``max_steps``,
     ``batch_size``, ``gradient_accumulation_steps``, ``max_length``. Speed: ``precompute_ref_log_probs``,
-    ``gradient_checkpointing``. Output: ``save_merged``.
-    Presets: ``paper`` (the paper's recipe, for GPUs) and ``cpu`` (small batches, fp32, precomputed
-    reference log-probs).
+    ``cache_ref_log_probs``, ``share_prompt``, ``gradient_checkpointing``. Checkpoint selection: ``eval_every``,
+    ``eval_senteval_dir``, ``eval_sts_pairs``, ``eval_text_file``, ``eval_texts``, ``select_max_perplexity_ratio``,
+    ``select_scales``. Output: ``save_merged``.
+    Presets: ``paper`` (the paper's recipe, for GPUs) and ``cpu`` (small batches, precomputed and cached
+    reference log-probs, bf16 only where the CPU has bf16 units).
     """
 
     model: str = option("smollm2-135m-instruct", "policy model: built-in name, local folder, or Hub id")
     chat_template: str = option("auto", "wrap prompt/answers in the tokenizer's chat template "
                                 "(auto: when the tokenizer has one)", choices=CHAT_MODES)
     device: str = option("auto", "auto picks cuda when available", choices=DEVICES)
-    bf16: bool | None = option(None, "train in bf16 (default: on for CUDA, off on CPU)")
+    bf16: bool | None = option(None, "bf16 autocast (default: on where the device has bf16 matrix units — a CUDA "
+                               "GPU, a CPU with AVX512-BF16 or AMX — and off elsewhere, where fp32 is faster)")
     beta: float = option(0.1, "DPO beta (deviation from the reference)")
-    loss_type: str = option("sigmoid", "DPO loss", choices=LOSS_TYPES)
+    loss_type: str = option("sigmoid", "TRL objective, or several comma-separated ones summed with loss_weights: "
+                            "sigmoid (DPO), ipo, apo_zero, nca_pair, bco_pair (raise the chosen likelihood), sft "
+                            "(NLL of the chosen answer; sigmoid,sft is DPO with a likelihood anchor), ...")
+    loss_weights: tuple[float, ...] | None = option(None, "weight of each loss_type (default: 1 each)")
+    ld_alpha: float | None = option(None, "LD-DPO: weight of answer tokens beyond the shorter answer's length, "
+                                    "in [0, 1] (None: plain DPO)")
+    dpop_lambda: float = option(0.0, "DPO-Positive (Smaug): penalty lambda x max(0, reference - policy log-prob of "
+                                "the chosen answer) inside the sigmoid loss; needs precompute_ref_log_probs (0: off)")
     lora_r: int = option(8, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha")
     lora_dropout: float = option(0.05, "LoRA dropout")
@@ -234,15 +254,41 @@ class TrainConfig(StageConfig):
     max_length: int = option(128, "max tokens of prompt + answer")
     precompute_ref_log_probs: bool = option(True, "compute the reference log-probs once before training "
                                             "(saves a forward pass per step)")
+    cache_ref_log_probs: bool = option(True, "keep precomputed reference log-probs in $SEMPA_CACHE_DIR/ref_logps, "
+                                       "keyed by model, data and precision: a rerun on the same data skips that pass")
+    share_prompt: bool = option(True, "run each pair as one packed sequence (prompt once, then chosen and rejected) "
+                                "and the LM head over answer tokens only; the loss is TRL's, computed faster")
     gradient_checkpointing: bool = option(False, "trade compute for memory")
     logging_steps: int = option(1, "log every N steps")
+    eval_every: int = option(0, "probe the policy every N steps (STS-B dev subset + held-out perplexity) and keep the "
+                             "best step within select_max_perplexity_ratio as the adapter (0: off, keep the last)")
+    eval_senteval_dir: str | None = option(None, "SentEval data folder of the in-training STS-B dev probe")
+    eval_sts_pairs: int = option(500, "STS-B dev pairs in the probe (a subset seeded with seed)")
+    eval_text_file: str = option("data/heldout_text.txt", "held-out text of the perplexity probe (.txt or NLI .jsonl); "
+                                 "must be text no arm trains on")
+    eval_texts: int = option(100, "held-out texts in the perplexity probe")
+    select_max_perplexity_ratio: float | None = option(
+        1.05, "checkpoint selection gate: probed perplexity / base perplexity at most this (None: no gate)")
+    select_scales: tuple[float, ...] = option((), "after picking a step, also probe its LoRA update scaled by these "
+                                              "factors (e.g. 0.25,0.5,0.75) and keep the best passing one")
     seed: int = option(0, "training seed")
     save_merged: bool = option(False, "also save base+adapter merged into a plain model folder")
 
     def __post_init__(self) -> None:
         _check_choice("chat_template", self.chat_template, CHAT_MODES)
         _check_choice("device", self.device, DEVICES)
-        _check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        losses = self.loss_types
+        for loss in losses:
+            _check_choice("loss_type", loss, LOSS_TYPES)
+        if self.loss_weights is not None and len(self.loss_weights) != len(losses):
+            raise ValueError(f"loss_weights needs one weight per loss_type ({', '.join(losses)}), "
+                             f"got {list(self.loss_weights)}")
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            raise ValueError(f"ld_alpha must be in [0, 1], got {self.ld_alpha!r}")
+        _check_positive("dpop_lambda", self.dpop_lambda, allow_zero=True)
+        if self.dpop_lambda and ("sigmoid" not in losses or not self.precompute_ref_log_probs
+                                 or self.ld_alpha is not None):
+            raise ValueError("dpop_lambda works on the sigmoid loss with precompute_ref_log_probs and no ld_alpha")
         for name in ("beta", "learning_rate", "epochs", "lora_alpha", "lora_r", "batch_size",
                      "gradient_accumulation_steps", "max_length", "logging_steps"):
             _check_positive(name, getattr(self, name))
@@ -252,13 +298,28 @@ class TrainConfig(StageConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.effective_batch_size is not None:
             _check_positive("effective_batch_size", self.effective_batch_size)
+        _check_positive("eval_every", self.eval_every, allow_zero=True)
+        if self.eval_every and not self.eval_senteval_dir:
+            raise ValueError("eval_every needs eval_senteval_dir (the SentEval folder with STS-B dev)")
+        for name in ("eval_sts_pairs", "eval_texts"):
+            _check_positive(name, getattr(self, name))
+        if any(not 0 <= s <= 2 for s in self.select_scales):
+            raise ValueError(f"select_scales must lie in [0, 2], got {list(self.select_scales)}")
+        if self.select_scales and not self.eval_every:
+            raise ValueError("select_scales needs eval_every (the probes that judge each scale)")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be -1 or > 0, got {self.max_steps!r}")
+
+    @property
+    def loss_types(self) -> tuple[str, ...]:
+        """``loss_type`` split at commas."""
+        return tuple(t.strip() for t in self.loss_type.split(",") if t.strip())
 
     @classmethod
     def preset(cls, name: str) -> TrainConfig:
         """``paper``: LoRA r8/a32 all-linear, lr 1e-4, beta 0.1, effective batch 256, bf16, max_length 1024.
-        ``cpu``: the same recipe with batch 8, fp32, max_length 128 and precomputed reference log-probs."""
+        ``cpu``: the same recipe with batch 8, max_length 128, bf16 only where the CPU has bf16 units, reference
+        log-probs precomputed and cached, and the shared-prompt forward."""
         presets = {
             "cpu": cls(),
             "paper": cls(batch_size=8, effective_batch_size=256, max_length=1024, bf16=True,
@@ -304,6 +365,8 @@ class EvalConfig(StageConfig):
                         choices=SPLITS)
     senteval_dir: str | None = option(None, "SentEval data folder (data/downstream layout); "
                                       "unset: load the MTEB copies from the Hugging Face Hub")
+    cache_base: bool = option(True, "reuse the untuned model's STS and retention results from $SEMPA_CACHE_DIR/results "
+                              "(keyed by model weights, tasks, split, embedding/retention config and data content)")
 
     def __post_init__(self) -> None:
         _check_choice("split", self.split, SPLITS)

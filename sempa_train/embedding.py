@@ -8,6 +8,8 @@ padding. For speed it
 * encodes each distinct sentence once,
 * sorts sentences by token length so a batch carries almost no padding,
 * runs the decoder only (no LM head over the vocabulary) and returns only the last position,
+* runs the template's opening (``This sentence : "``, the tokens every prompt starts with) once and
+  reuses its key/value cache for every batch (``share_prefix``),
 * uses bf16 weights where the hardware has bf16 matrix units (``dtype="auto"``).
 
 Usage::
@@ -18,6 +20,7 @@ Usage::
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 from sempa_train.config import EmbedConfig
 from sempa_train.models import (
     is_sentence_transformers_folder,
+    left_pad,
     load_causal_lm,
     resolve_device,
     resolve_dtype,
@@ -82,8 +86,10 @@ class PromptEOLEncoder(DedupEncoder):
         layer: int = -1,
         name: str = "",
         show_progress: bool | None = None,
+        share_prefix: bool = True,
     ) -> None:
         self.model = model
+        self.share_prefix = share_prefix
         self.decoder = model.get_decoder()  # the transformer without the LM head
         self.tokenizer = tokenizer
         self.template = template
@@ -106,25 +112,50 @@ class PromptEOLEncoder(DedupEncoder):
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]), reverse=True)
         out = np.empty((len(sentences), self.dim), dtype=np.float32)
         device = next(self.model.parameters()).device
+        prefix = common_prefix(token_ids) if self.share_prefix else []
+        prefix_cache = self._prefix_cache(prefix, device) if prefix else None
         batches = range(0, len(order), self.batch_size)
         for start in tqdm(batches, desc="PromptEOL", unit="batch", disable=_tqdm_disable(self.show_progress)):
             idx = order[start : start + self.batch_size]
-            out[idx] = self._last_token_states([token_ids[i] for i in idx], device)
+            out[idx] = self._last_token_states([token_ids[i][len(prefix):] for i in idx], device, prefix_cache)
         return out
 
-    def _last_token_states(self, batch_ids: list[list[int]], device: torch.device) -> np.ndarray:
-        width = max(len(ids) for ids in batch_ids)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch_ids], device=device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch_ids], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    def _prefix_cache(self, prefix: list[int], device: torch.device) -> Any:
+        """The decoder's key/value cache of the tokens every prompt starts with."""
+        ids = torch.tensor([prefix], device=device)
+        return self.decoder(input_ids=ids, use_cache=True).past_key_values
+
+    def _last_token_states(self, batch_ids: list[list[int]], device: torch.device,
+                           prefix_cache: Any = None) -> np.ndarray:
+        """Final (or ``layer``) hidden state of each sequence's last token; sequences are left padded and, with
+        ``prefix_cache``, continue the cached prefix (padding sits between the prefix and the sequence)."""
+        input_ids, mask = left_pad(batch_ids, self.tokenizer.pad_token_id, device)
+        offset = 0 if prefix_cache is None else prefix_cache.get_seq_length()
+        positions = offset + (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(batch_ids))
+            mask = torch.cat([mask.new_ones(len(batch_ids), offset), mask], dim=1)
+            kwargs = {"past_key_values": cache, "use_cache": True}
         if self.layer == -1:
             hidden = self.decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                  use_cache=False).last_hidden_state
+                                  **kwargs).last_hidden_state
         else:
             hidden = self.decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                  use_cache=False, output_hidden_states=True).hidden_states[self.layer]
+                                  output_hidden_states=True, **kwargs).hidden_states[self.layer]
         return hidden[:, -1, :].float().cpu().numpy()
+
+
+def common_prefix(sequences: Sequence[Sequence[int]]) -> list[int]:
+    """The longest run of leading tokens all ``sequences`` share, leaving each at least its last token."""
+    if not sequences:
+        return []
+    first = sequences[0]
+    length = min(len(s) for s in sequences) - 1
+    for ids in sequences[1:]:
+        length = next((k for k in range(length) if ids[k] != first[k]), length)
+    return list(first[: max(length, 0)])
 
 
 class SentenceTransformerEncoder(DedupEncoder):

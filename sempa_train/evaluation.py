@@ -12,6 +12,8 @@ Output contract (read by other tools)::
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,9 @@ from scipy.stats import spearmanr
 
 from sempa_train.config import EmbedConfig, EvalConfig
 from sempa_train.embedding import Encoder, cosine, encoder_kind, load_encoder
-from sempa_train.io import read_parquet, write_json, write_parquet
+from sempa_train.io import read_json, read_parquet, write_json, write_parquet
 from sempa_train.models import resolve_model
+from sempa_train.result_cache import lookup, model_fingerprint, result_key, store
 from sempa_train.schemas import PREDICTIONS_SCHEMA
 from sempa_train.sts_data import STSSubset, load_tasks
 
@@ -149,6 +152,22 @@ def format_table(results: dict[str, Any], *, compare: dict[str, Any] | None = No
     return "\n".join(lines)
 
 
+def tasks_sha256(tasks: dict[str, list[STSSubset]]) -> str:
+    """Content hash of loaded STS data (sentences and gold scores), whatever folder they came from."""
+    digest = hashlib.sha256()
+    for task, subsets in tasks.items():
+        for sub in subsets:
+            digest.update(json.dumps([task, sub.name, sub.split, sub.sent1, sub.sent2]).encode())
+            digest.update(np.asarray(sub.scores, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def sts_cache_key(model: str | Path, cfg: EvalConfig, embed: EmbedConfig, tasks: dict[str, list[STSSubset]]) -> str:
+    """Key of an untuned model's STS result: its weights, the tasks and split, the embedding config, the data."""
+    return result_key("sts", {"model": model_fingerprint(model), "tasks": list(cfg.tasks), "split": cfg.split,
+                              "embed": embed.to_dict(), "data": tasks_sha256(tasks)})
+
+
 def run_sts_eval(
     model: str,
     cfg: EvalConfig,
@@ -158,20 +177,31 @@ def run_sts_eval(
     out: Path | None = None,
     tasks: dict[str, list[STSSubset]] | None = None,
 ) -> dict[str, Any]:
-    """Load the STS data (unless given) and the encoder, evaluate, and write ``out`` (JSON) when given."""
+    """Load the STS data (unless given) and the encoder, evaluate, and write ``out`` (JSON) when given.
+
+    Without an adapter and with ``cfg.cache_base``, the result comes from (or goes to) the result cache."""
     embed = embed or EmbedConfig()
     tasks = tasks if tasks is not None else load_tasks(cfg.tasks, cfg.split, cfg.senteval_dir)
-    encoder = load_encoder(model, embed, adapter=adapter)
-    similarities = score_subsets(encoder, tasks)
-    results = summarize(encoder.name, tasks, similarities)
-    results.update(
-        model=str(model),
-        adapter=None if adapter is None else str(adapter),
-        embedding=encoder_kind(resolve_model(model), embed.embedding),
-        eval_config=cfg.to_dict(),
-        embed_config=embed.to_dict(),
-    )
+    info = {"model": str(model), "adapter": None if adapter is None else str(adapter),
+            "embedding": encoder_kind(resolve_model(model), embed.embedding),
+            "eval_config": cfg.to_dict(), "embed_config": embed.to_dict()}
+    key = sts_cache_key(model, cfg, embed, tasks) if cfg.cache_base and adapter is None else None
+    entry = lookup("sts", key) if key else None
+    if entry is not None:
+        results = {**read_json(entry / "results.json"), **info}
+        predictions = read_parquet(predictions_path(entry / "results.json"), PREDICTIONS_SCHEMA)
+    else:
+        encoder = load_encoder(model, embed, adapter=adapter)
+        similarities = score_subsets(encoder, tasks)
+        results = {**summarize(encoder.name, tasks, similarities), **info}
+        predictions = predictions_table(tasks, similarities)
+
+    def write(results_json: Path) -> None:
+        write_json(results_json, results)
+        write_parquet(predictions, predictions_path(results_json), PREDICTIONS_SCHEMA)
+
+    if key and entry is None:
+        store("sts", key, lambda folder: write(folder / "results.json"))
     if out is not None:
-        write_json(Path(out), results)
-        write_parquet(predictions_table(tasks, similarities), predictions_path(Path(out)), PREDICTIONS_SCHEMA)
+        write(Path(out))
     return results

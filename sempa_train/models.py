@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,13 +197,24 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this machine's CPU (empty where /proc/cpuinfo is not readable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_avx512() -> bool:
+    """True when the CPU has AVX-512 (where vLLM-CPU's kernels are fast)."""
+    return "avx512f" in cpu_flags()
 
 
 def load_tokenizer(path: Path, *, padding_side: str = "left") -> Any:
@@ -214,6 +226,15 @@ def load_tokenizer(path: Path, *, padding_side: str = "left") -> Any:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token-id lists padded on the left to the longest."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in sequences], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in sequences], device=device)
+    return input_ids, mask
 
 
 def use_chat_template(mode: str, tokenizer: Any) -> bool:

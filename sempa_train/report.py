@@ -5,7 +5,10 @@ Reads ``DIR/summary.json`` (written by the evaluation stage) and the files it po
 
 * ``sts_bars.png`` — Spearman per STS task, base against tuned;
 * ``stsb_scatter.png`` — predicted cosine against gold score on STS-B (base and tuned);
-* ``training.png`` — DPO reward margin and reward accuracy per logged step (when a train log is known);
+* ``training.png`` — DPO reward margin, reward accuracy and the chosen/rejected log-prob change against the
+  reference per logged step (when a train log is known);
+* ``checkpoints.png`` — probed STS-B dev subset and perplexity ratio against steps, the gate and the
+  selected checkpoint (when training probed checkpoints: ``checkpoints.jsonl`` beside the train log);
 * ``scores.png`` — chosen and rejected score distributions of the training data (when scored).
 """
 
@@ -69,20 +72,68 @@ def plot_scatter(predictions: dict[str, pl.DataFrame], task: str, path: Path) ->
 
 
 def plot_training(log_file: Path, path: Path) -> bool:
+    """Reward margin, reward accuracy, and the change of the chosen and rejected answers' log-probability against
+    the reference (TRL's ``rewards/*`` are beta x that change): a chosen curve that falls below zero is the early
+    warning that DPO is lowering the likelihood of good answers too ("likelihood displacement")."""
     rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "rewards/margins" in r]
     if not steps:
         return False
+    config_file = log_file.parent / "config.json"
+    beta = json.loads(config_file.read_text()).get("beta", 1.0) if config_file.is_file() else 1.0
     plt = _plt()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 3.4))
     x = [r.get("step", i + 1) for i, r in enumerate(steps)]
     left.plot(x, [r["rewards/margins"] for r in steps], marker=".")
     left.set_title("reward margin (chosen - rejected)")
-    right.plot(x, [r["rewards/accuracies"] for r in steps], marker=".", color="tab:green")
-    right.set_ylim(-0.05, 1.05)
-    right.set_title("reward accuracy")
+    middle.plot(x, [r["rewards/accuracies"] for r in steps], marker=".", color="tab:green")
+    middle.set_ylim(-0.05, 1.05)
+    middle.set_title("reward accuracy")
+    for side, color in (("chosen", "tab:blue"), ("rejected", "tab:red")):
+        if all(f"rewards/{side}" in r for r in steps):
+            right.plot(x, [r[f"rewards/{side}"] / beta for r in steps], marker=".", color=color, label=side)
+    right.axhline(0.0, color="grey", lw=0.8)
+    right.set_title("log-prob - reference log-prob")
+    right.legend()
+    for ax in (left, middle, right):
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_checkpoints(probes_file: Path, path: Path) -> bool:
+    """STS-B dev subset and perplexity ratio of every probed step (scale 1), and each probed scale of the chosen
+    step, with the selection gate; the model's ``metrics.json`` names the selected step and scale."""
+    rows = [json.loads(line) for line in probes_file.read_text().splitlines() if line.strip()]
+    steps = sorted((r for r in rows if r["scale"] == 1.0), key=lambda r: r["step"])
+    if len(steps) < 2:
+        return False
+    metrics_file = probes_file.with_name("metrics.json")
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    config_file = probes_file.with_name("config.json")
+    gate = json.loads(config_file.read_text()).get("select_max_perplexity_ratio") if config_file.is_file() else None
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
+    x = [r["step"] for r in steps]
+    left.plot(x, [r["sts_spearman"] for r in steps], marker="o", label="STS-B dev subset")
+    right.plot(x, [r["perplexity_ratio"] for r in steps], marker="o", color="tab:red", label="perplexity ratio")
+    if gate is not None:
+        right.axhline(gate, color="tab:red", ls="--", lw=0.8, label=f"gate {gate}")
+    if "selected_step" in metrics:
+        for ax in (left, right):
+            ax.axvline(metrics["selected_step"], color="grey", ls=":", lw=1, label="selected step")
+    left.set_title("STS-B dev subset (Spearman x 100)")
+    right.set_title("held-out perplexity / base")
     for ax in (left, right):
         ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    for r in (r for r in rows if r["scale"] != 1.0):  # the chosen step's adapter at other scales
+        left.plot([r["step"]], [r["sts_spearman"]], "k.")
+        left.annotate(f"x{r['scale']:g}", (r["step"], r["sts_spearman"]), fontsize=7)
+        right.plot([r["step"]], [r["perplexity_ratio"]], "k.")
+        right.annotate(f"x{r['scale']:g}", (r["step"], r["perplexity_ratio"]), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -155,7 +206,11 @@ def build_report(out_dir: Path) -> Path:
             lines += [f"- {e['source']} → {e['paraphrase'] or '(empty)'}" for e in examples[:3]] + [""]
     train_log = outputs.get("train_log")
     if train_log and Path(train_log).is_file() and plot_training(Path(train_log), out_dir / "training.png"):
-        lines += ["## Training", "", "![reward margin and accuracy](training.png)", ""]
+        lines += ["## Training", "", "![reward margin, accuracy, log-prob change against the reference](training.png)",
+                  ""]
+        probes = Path(train_log).with_name("checkpoints.jsonl")
+        if probes.is_file() and plot_checkpoints(probes, out_dir / "checkpoints.png"):
+            lines += ["![STS and perplexity ratio of the probed checkpoints](checkpoints.png)", ""]
     preferences = outputs.get("preferences")
     if preferences and Path(preferences).exists():
         if plot_scores(Path(preferences), out_dir / "scores.png"):

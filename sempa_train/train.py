@@ -5,6 +5,8 @@ Output folder (written as one unit when training finishes)::
     OUT/adapter/         the LoRA adapter (peft format) and the tokenizer
     OUT/merged/          base + adapter merged into a plain model folder (with save_merged)
     OUT/train_log.jsonl  TRL's log, one JSON object per logging step (loss, rewards/margins, ...)
+    OUT/checkpoints.jsonl  with eval_every: STS and perplexity of every probed step (and scale); the adapter
+                         is the best one within the perplexity gate (``sempa_train.checkpoints``)
     OUT/metrics.json     summary: steps, runtime, final loss / reward accuracy / margin
     OUT/config.json      the resolved TrainConfig
     OUT/manifest.json    what produced it: base model, data folder and hash, config, code version
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from typing import Any
 import polars as pl
 import torch
 
+from sempa_train.checkpoints import CheckpointProbe, Probes, select_and_install
 from sempa_train.config import TrainConfig
 from sempa_train.io import (
     code_version,
@@ -34,7 +38,14 @@ from sempa_train.io import (
     write_json,
     write_text,
 )
-from sempa_train.models import load_tokenizer, resolve_device, resolve_model, use_chat_template
+from sempa_train.models import (
+    cache_dir,
+    cpu_has_fast_bf16,
+    load_tokenizer,
+    resolve_device,
+    resolve_model,
+    use_chat_template,
+)
 from sempa_train.templates import PLAIN_SEPARATOR
 
 log = logging.getLogger(__name__)
@@ -97,15 +108,25 @@ def accumulation_steps(cfg: TrainConfig, processes: int) -> int:
     return cfg.effective_batch_size // per_step
 
 
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """``cfg.bf16``, or when unset: bf16 autocast where the device has bf16 matrix units (a CUDA GPU that supports
+    it, a CPU with AVX512-BF16 or AMX), fp32 elsewhere (bf16 is emulated, and slow, on an AVX2-only CPU)."""
+    if cfg.bf16 is not None:
+        return cfg.bf16
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
+
+
 def build_dpo_config(cfg: TrainConfig, output_dir: Path, device: torch.device, processes: int = 1) -> Any:
-    """TRL's ``DPOConfig`` for ``cfg`` (CPU: ``use_cpu`` and no bf16 unless asked for)."""
+    """TRL's ``DPOConfig`` for ``cfg`` (CPU: ``use_cpu``; bf16 as ``use_bf16`` decides)."""
     from trl import DPOConfig
 
-    bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = use_bf16(cfg, device)
     return DPOConfig(
         output_dir=str(output_dir),
         beta=cfg.beta,
-        loss_type=[cfg.loss_type],
+        loss_type=list(cfg.loss_types),
+        loss_weights=list(cfg.loss_weights) if cfg.loss_weights else None,
+        ld_alpha=cfg.ld_alpha,
         learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a value below 1 is a fraction of the steps
         lr_scheduler_type=cfg.lr_scheduler,
@@ -125,13 +146,25 @@ def build_dpo_config(cfg: TrainConfig, output_dir: Path, device: torch.device, p
     )
 
 
+def _checkpoint_probe(cfg: TrainConfig, tokenizer: Any, checkpoint_dir: Path, bf16: bool,
+                      processes: int) -> CheckpointProbe | None:
+    """The in-training probe ``cfg.eval_every`` asks for (single process only), or None."""
+    if not cfg.eval_every:
+        return None
+    if processes > 1:
+        raise ValueError("eval_every (checkpoint selection) runs in a single process; launch without accelerate")
+    probes = Probes.load(cfg.eval_senteval_dir, cfg.eval_sts_pairs, cfg.eval_text_file, cfg.eval_texts, cfg.seed)
+    return CheckpointProbe(tokenizer, probes, cfg.eval_every, checkpoint_dir, bf16=bf16)
+
+
 def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = False) -> TrainResult:
     """Train a LoRA adapter with DPO on the preference dataset at ``data`` and write ``out_dir``."""
     from accelerate import PartialState
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
-    from trl import DPOTrainer
+
+    from sempa_train.fast_dpo import SharedPromptDPOTrainer
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -166,14 +199,32 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
         with state.main_process_first():
             train_dataset = load_dataset("json", data_files=str(tmp / "train.jsonl"), split="train",
                                          cache_dir=str(tmp / "hf_cache"))
-        trainer = DPOTrainer(
+        ref_cache = cache_dir() / "ref_logps" if cfg.precompute_ref_log_probs and cfg.cache_ref_log_probs else None
+        started = time.perf_counter()
+        trainer = SharedPromptDPOTrainer(
             model=model, args=build_dpo_config(cfg, tmp / "trainer", device, state.num_processes),
             train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config,
+            share_prompt=cfg.share_prompt, ref_cache_dir=ref_cache, dpop_lambda=cfg.dpop_lambda,
         )
+        setup_seconds = time.perf_counter() - started
+        checkpoints = _checkpoint_probe(cfg, tokenizer, tmp / "checkpoints", trainer.args.bf16, state.num_processes)
+        if checkpoints is not None:
+            trainer.add_callback(checkpoints)
         trainer.train()
-        trainer.save_model(str(tmp / "adapter"))  # collective under DeepSpeed; writes on the main process
         history = trainer.state.log_history
-        metrics = summarize_log(history)
+        metrics = {**summarize_log(history), "setup_seconds": round(setup_seconds, 1), "bf16": trainer.args.bf16,
+                   "ref_log_probs_cached": trainer.ref_cache_hit}
+        if checkpoints is None:
+            trainer.save_model(str(tmp / "adapter"))  # collective under DeepSpeed; writes on the main process
+        else:
+            chosen, probes = select_and_install(checkpoints, trainer.model, tmp, scales=cfg.select_scales,
+                                                max_perplexity_ratio=cfg.select_max_perplexity_ratio)
+            write_text(tmp / "checkpoints.jsonl", "".join(json.dumps(p) + "\n" for p in probes))
+            metrics.update(selected_step=chosen.step, selected_scale=chosen.scale,
+                           selected_sts_spearman=chosen.sts_spearman,
+                           selected_perplexity_ratio=chosen.perplexity_ratio)
+            log.info("train: selected step %d at scale %.2f (STS-B dev subset %.2f, perplexity ratio %.3f)",
+                     chosen.step, chosen.scale, chosen.sts_spearman, chosen.perplexity_ratio)
         if state.is_main_process:
             tokenizer.save_pretrained(tmp / "adapter")
             write_text(tmp / "train_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
@@ -200,7 +251,7 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
                 merged = trainer.model.merge_and_unload()
                 merged.save_pretrained(tmp / "merged")
                 tokenizer.save_pretrained(tmp / "merged")
-            for scratch in ("trainer", "hf_cache", "train.jsonl"):
+            for scratch in ("trainer", "hf_cache", "train.jsonl", "checkpoints"):
                 path = tmp / scratch
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             replace_dir(tmp, out_dir)

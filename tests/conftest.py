@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a failing hub lookup would otherwise wait ~50 s
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Cached results (reference log-probs, base-model evaluations) go to a folder of this test session alone.
+os.environ["SEMPA_CACHE_DIR"] = tempfile.mkdtemp(prefix="sempa-test-cache-")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sempa_train.config import EmbedConfig
-from sempa_train.embedding import PromptEOLEncoder, cosine, load_encoder
+from sempa_train.embedding import PromptEOLEncoder, common_prefix, cosine, load_encoder
 from sempa_train.models import load_causal_lm
 
 SENTENCES = [
@@ -38,6 +38,23 @@ def test_batched_sorted_dedup_equals_one_by_one(tiny):
     assert got.shape == (5, 128) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)  # left padding does not change results
     np.testing.assert_array_equal(got[1], got[3])
+
+
+def test_shared_prefix_cache_changes_nothing(tiny):
+    model, tokenizer = tiny
+    shared = PromptEOLEncoder(model, tokenizer, batch_size=2, show_progress=False)
+    full = PromptEOLEncoder(model, tokenizer, batch_size=2, show_progress=False, share_prefix=False)
+    np.testing.assert_allclose(shared.encode(SENTENCES), full.encode(SENTENCES), rtol=1e-4, atol=1e-5)
+    layer1 = [PromptEOLEncoder(model, tokenizer, layer=1, show_progress=False, share_prefix=share).encode(SENTENCES)
+              for share in (True, False)]
+    np.testing.assert_allclose(*layer1, rtol=1e-4, atol=1e-5)
+
+
+def test_common_prefix_leaves_every_last_token():
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == [1, 2]
+    assert common_prefix([[1, 2, 3], [1, 2, 3]]) == [1, 2]
+    assert common_prefix([[7], [7, 8]]) == []
+    assert common_prefix([[1, 2], [3, 4]]) == [] and common_prefix([]) == []
 
 
 def test_layer_option_reads_an_earlier_layer(tiny):

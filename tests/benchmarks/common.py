@@ -13,7 +13,10 @@ from typing import Any
 import torch
 
 from sempa_train.io import code_version, now_iso, write_json
+from sempa_train.models import cpu_flags, cpu_has_fast_bf16
 
+SPEED_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8",
+               "amx_tile"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -35,6 +38,8 @@ def machine() -> dict[str, Any]:
         memory = "unknown"
     return {
         "cpu": cpu,
+        "cpu_flags": sorted(cpu_flags() & SPEED_FLAGS),
+        "fast_bf16": cpu_has_fast_bf16(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory": memory,

@@ -6,10 +6,12 @@ Both encode every sentence of STS-B dev (3,000 sentences, both sides of 1,500 pa
 SmolLM2-135M-Instruct and score the pairs (Spearman x 100 of cosine). The baseline is the obvious
 implementation: fp32 weights, batches of 64 in file order, left padding, the full causal LM with
 ``output_hidden_states=True``, every sentence encoded even when repeated. sempa's encoder is run in
-fp32 too (same precision: the speed-up from dedup, length sorting and skipping the LM head alone)
-and with ``dtype=auto`` (bf16 where the CPU has bf16 units). Runs alternate (baseline, fp32, auto,
-baseline, ...) so background load hits all alike; the median of ``--repeats`` is reported.
-Writes ``tests/benchmarks/results/embed_throughput.json``.
+fp32 (what a CPU without bf16 units runs: the speed-up from dedup, length sorting, skipping the LM
+head and the shared template prefix), in fp32 without the shared prefix (to show what it adds), and
+with ``dtype=auto`` (bf16 where the CPU has bf16 units). Runs alternate (baseline, fp32, ...,
+baseline, ...) so background load hits all alike; the median of ``--repeats`` is reported, with the
+time a full STS7 workload (37.7k sentences) would take at each rate.
+Writes ``tests/benchmarks/results/embed_throughput[-TAG].json``.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import torch
 from common import save
 
 from sempa_train.config import EmbedConfig
-from sempa_train.embedding import cosine, load_encoder
+from sempa_train.embedding import PromptEOLEncoder, cosine, load_encoder
 from sempa_train.evaluation import spearman100
 from sempa_train.models import load_causal_lm
 from sempa_train.sts_data import load_senteval_task
 from sempa_train.templates import prompteol_prompt
+
+STS7_SENTENCES = 37_700  # both sides of every pair of STS12-16, STS-B test and SICK-R test
 
 
 def naive_encode(model, tokenizer, sentences: list[str], batch_size: int = 64) -> np.ndarray:
@@ -48,6 +52,7 @@ def main() -> None:
     parser.add_argument("--senteval-dir", default="../shared/data/senteval")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--tag", default="")
     args = parser.parse_args()
 
     sts = load_senteval_task(args.senteval_dir, "STSBenchmark", "dev")[0]
@@ -59,9 +64,12 @@ def main() -> None:
 
     naive_model, naive_tok = load_causal_lm(args.model, dtype=torch.float32)
     ours_fp32 = load_encoder(args.model, EmbedConfig(dtype="float32", batch_size=64), show_progress=False)
+    ours_fp32_no_prefix = PromptEOLEncoder(ours_fp32.model, ours_fp32.tokenizer, batch_size=64, show_progress=False,
+                                           share_prefix=False)
     ours_auto = load_encoder(args.model, EmbedConfig(dtype="auto", batch_size=64), show_progress=False)
     runners = {
         "baseline_fp32": lambda: naive_encode(naive_model, naive_tok, sentences),
+        "sempa_fp32_no_shared_prefix": lambda: ours_fp32_no_prefix.encode(sentences),
         "sempa_fp32": lambda: ours_fp32.encode(sentences),
         "sempa_auto": lambda: ours_auto.encode(sentences),
     }
@@ -83,6 +91,7 @@ def main() -> None:
             "speedup_vs_baseline": round(base / statistics.median(t), 2),
             "stsb_dev_spearman": round(scores[name], 2),
             "spearman_delta_vs_baseline": round(scores[name] - scores["baseline_fp32"], 2),
+            "sts7_minutes_extrapolated": round(STS7_SENTENCES / (len(sentences) / statistics.median(t)) / 60, 1),
         }
         for name, t in times.items()
     }
@@ -94,7 +103,7 @@ def main() -> None:
         "dtype_auto_resolved": str(next(ours_auto.model.parameters()).dtype),
         "results": rows,
     }
-    save("embed_throughput", result)
+    save("embed_throughput", result, tag=args.tag)
 
 
 if __name__ == "__main__":

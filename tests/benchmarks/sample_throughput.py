@@ -8,20 +8,29 @@ in template P1 through the chat template), same sampling settings (n=4, temperat
 generates the candidates of the same premises. Reported per backend and size: generation seconds,
 candidates per second, generated tokens per second, and end-to-end candidates per second with
 the one-off start-up cost (model load or engine start) included. Writes
-``tests/benchmarks/results/sample_throughput[-<device>].json``.
+``tests/benchmarks/results/sample_throughput[-<tag>].json``.
+
+A shared machine is not a quiet one: ``--busy 1`` keeps one other process spinning on a core for the
+whole run. ``--backends vllm-nobind`` runs vLLM-CPU with ``VLLM_CPU_OMP_THREADS_BIND=nobind`` (its
+OpenMP threads not pinned to cores), to compare with the default binding. The result also records
+what ``--backend auto`` would pick on this machine, and why.
+
+    python tests/benchmarks/sample_throughput.py --sizes 16 --backends vllm,vllm-nobind,transformers --busy 1 --tag busy
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
 
 from common import save
 
 from sempa_train.config import SampleConfig
 from sempa_train.models import load_tokenizer, resolve_model, use_chat_template
-from sempa_train.sampling import build_backend, paraphrase_prompt, premise_seed
+from sempa_train.sampling import build_backend, choose_backend, paraphrase_prompt, premise_seed
 from sempa_train.sources import group_triples, read_nli
 from sempa_train.templates import PARAPHRASE_TEMPLATES
 
@@ -34,8 +43,19 @@ def main() -> None:
     parser.add_argument("--backends", default="vllm,transformers")
     parser.add_argument("--batch-size", type=int, default=16, help="transformers: prompts per generate call")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="vLLM: sequences decoded together")
+    parser.add_argument("--busy", type=int, default=0, help="other processes kept busy (one core each) meanwhile")
     parser.add_argument("--tag", default="", help="suffix of the result file (e.g. h100)")
     args = parser.parse_args()
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        run(args)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+
+
+def run(args: argparse.Namespace) -> None:
+    auto, reason = choose_backend("auto")
 
     sizes = [int(s) for s in args.sizes.split(",")]
     triples = group_triples(read_nli(args.nli)).table.head(max(sizes))
@@ -50,8 +70,12 @@ def main() -> None:
 
     results: dict[str, dict[str, object]] = {}
     for name in args.backends.split(","):
+        engine = name.split("-")[0]
+        if name == "vllm-nobind":
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         start = time.perf_counter()
-        backend = build_backend(cfg.replace(backend=name), model_path, name)
+        backend = build_backend(cfg.replace(backend=engine), model_path, engine)
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
         startup = time.perf_counter() - start
         results[name] = {"startup_seconds": round(startup, 1)}
         for size in sizes:
@@ -73,11 +97,11 @@ def main() -> None:
             backend.close()
         del backend
 
-    ratios = {}
-    if {"vllm", "transformers"} <= set(results):
+    ratios: dict[str, dict[str, object]] = {}
+    for name in (n for n in results if n.startswith("vllm") and "transformers" in results):
         for size in sizes:
-            v, t = results["vllm"][str(size)], results["transformers"][str(size)]
-            ratios[str(size)] = {
+            v, t = results[name][str(size)], results["transformers"][str(size)]
+            ratios.setdefault(name, {})[str(size)] = {
                 "generation": round(v["candidates_per_second"] / t["candidates_per_second"], 2),
                 "with_startup": round(v["candidates_per_second_with_startup"]
                                       / t["candidates_per_second_with_startup"], 2),
@@ -85,7 +109,8 @@ def main() -> None:
     result = {"model": args.model, "settings": {"n": 4, "temperature": 1.0, "top_p": 0.95, "max_tokens": 64,
                                                 "transformers_batch_size": args.batch_size,
                                                 "vllm_max_num_seqs": args.max_num_seqs},
-              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "results": results,
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "busy_processes": args.busy,
+              "auto_backend": {"picked": auto, "reason": reason}, "results": results,
               "vllm_over_transformers": ratios}
     save("sample_throughput", result, tag=args.tag)
 

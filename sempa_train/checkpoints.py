@@ -1,0 +1,201 @@
+"""Evaluation during training, gated checkpoint selection, and LoRA scaling.
+
+DPO on a small model trades embedding quality against generation: STS rises for a while, then
+perplexity on unseen text climbs. Rather than fixing the number of steps, ``train_dpo`` can probe the
+policy every ``eval_every`` steps on a fixed, seeded subset of STS-B dev pairs (PromptEOL Spearman) and
+on held-out text (perplexity), keep each probed adapter, and pick the best STS among the checkpoints
+whose perplexity ratio passes the gate. After training it can also scale the chosen LoRA update
+(``B ← s·B``, so the weight change is ``s`` times the trained one) at a few scales, which costs no
+training and maps the trade-off between the base model (``s = 0``) and the trained adapter (``s = 1``).
+
+Every probe is a row of ``checkpoints.jsonl`` in the model folder:
+``{"step", "scale", "sts_spearman", "perplexity", "perplexity_ratio", "passed"}``; step 0 is the base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from sempa_train.embedding import PromptEOLEncoder, cosine
+from sempa_train.evaluation import spearman100
+from sempa_train.retention import held_out_texts, perplexity
+from sempa_train.sts_data import STSSubset, load_senteval_task
+
+log = logging.getLogger(__name__)
+
+
+class NoPassingCheckpointError(RuntimeError):
+    """No probed checkpoint passed the selection gate."""
+
+
+@dataclass(frozen=True)
+class Probes:
+    """The fixed inputs of every in-training probe."""
+
+    sts: STSSubset
+    texts: list[str]
+
+    @classmethod
+    def load(cls, senteval_dir: str | Path, pairs: int, text_file: str | Path, texts: int, seed: int = 0) -> Probes:
+        """A seeded subset of ``pairs`` STS-B dev pairs and the first ``texts`` held-out texts."""
+        dev = load_senteval_task(Path(senteval_dir), "STSBenchmark", "dev")[0]
+        rng = np.random.default_rng(seed)
+        idx = np.sort(rng.choice(len(dev), size=min(pairs, len(dev)), replace=False))
+        subset = STSSubset(task=dev.task, name=dev.name, split=dev.split, sent1=[dev.sent1[i] for i in idx],
+                           sent2=[dev.sent2[i] for i in idx], scores=dev.scores[idx])
+        return cls(sts=subset, texts=held_out_texts(text_file, texts))
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    step: int
+    scale: float
+    sts_spearman: float
+    perplexity: float
+    perplexity_ratio: float = 1.0
+    passed: bool = True
+
+
+@torch.no_grad()
+def probe(model: Any, tokenizer: Any, probes: Probes, *, bf16: bool = False) -> tuple[float, float]:
+    """``(STS-B dev subset Spearman x 100, held-out perplexity)`` of a causal LM as it is now (adapter active)."""
+    was_training = model.training
+    model.eval()
+    autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
+    try:
+        with autocast:
+            vectors = PromptEOLEncoder(model, tokenizer, show_progress=False).encode(probes.sts.sent1
+                                                                                      + probes.sts.sent2)
+            n = len(probes.sts)
+            sts = spearman100(cosine(vectors[:n], vectors[n:]), probes.sts.scores)
+            ppl = perplexity(model, tokenizer, probes.texts)
+    finally:
+        model.train(was_training)
+    return sts, ppl
+
+
+def lora_b_weights(model: Any) -> list[torch.nn.Parameter]:
+    """The LoRA ``B`` matrices of a peft model (the update is B·A, so scaling B scales the update)."""
+    return [p for name, p in model.named_parameters() if "lora_B" in name]
+
+
+@contextlib.contextmanager
+def lora_scaled(model: Any, scale: float) -> Iterator[None]:
+    """Within the block the adapter's update is ``scale`` times the trained one."""
+    weights = lora_b_weights(model)
+    saved = [w.detach().clone() for w in weights]
+    with torch.no_grad():
+        for w in weights:
+            w.mul_(scale)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for w, original in zip(weights, saved, strict=True):
+                w.copy_(original)
+
+
+def scale_adapter_file(adapter_dir: Path, scale: float) -> None:
+    """Scale the LoRA ``B`` matrices stored in ``adapter_dir/adapter_model.safetensors`` in place."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    weights = load_file(path)
+    save_file({k: v * scale if "lora_B" in k else v for k, v in weights.items()}, path, metadata={"format": "pt"})
+
+
+def judge(results: Sequence[ProbeResult], max_perplexity_ratio: float | None) -> list[ProbeResult]:
+    """The results with ``perplexity_ratio`` against step 0 (the base model) and ``passed`` filled in."""
+    base = next(r for r in results if r.step == 0)
+    out = []
+    for r in results:
+        ratio = r.perplexity / base.perplexity
+        passed = max_perplexity_ratio is None or ratio <= max_perplexity_ratio
+        out.append(ProbeResult(r.step, r.scale, r.sts_spearman, r.perplexity, ratio, passed))
+    return out
+
+
+def select(results: Sequence[ProbeResult], max_perplexity_ratio: float | None) -> ProbeResult:
+    """The trained checkpoint with the best STS among those within the perplexity gate."""
+    candidates = [r for r in results if r.step > 0 and r.passed]
+    if not candidates:
+        worst = min((r for r in results if r.step > 0), key=lambda r: r.perplexity_ratio, default=None)
+        detail = f"; the lowest ratio was {worst.perplexity_ratio:.3f} at step {worst.step}, scale {worst.scale}" \
+            if worst else ""
+        raise NoPassingCheckpointError(
+            f"no checkpoint passed the gate perplexity_ratio <= {max_perplexity_ratio}{detail}: lower the learning "
+            "rate, probe earlier steps (eval_every), add scales below 1 (select_scales), or loosen "
+            "select_max_perplexity_ratio")
+    return max(candidates, key=lambda r: (r.sts_spearman, -r.step, r.scale))
+
+
+class CheckpointProbe(TrainerCallback):
+    """Probe the base model when training starts and the policy every ``every`` steps (and at the end); save the
+    adapter of each probed step under ``checkpoint_dir/step-N``."""
+
+    def __init__(self, tokenizer: Any, probes: Probes, every: int, checkpoint_dir: Path, *, bf16: bool) -> None:
+        self.tokenizer = tokenizer
+        self.probes = probes
+        self.every = every
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.bf16 = bf16
+        self.results: list[ProbeResult] = []
+
+    def _probe(self, model: Any, step: int) -> None:
+        base = model.get_base_model()
+        sts, ppl = probe(base, self.tokenizer, self.probes, bf16=self.bf16)
+        self.results.append(ProbeResult(step, 1.0, sts, ppl))
+        log.info("train: step %d: STS-B dev subset %.2f, held-out perplexity %.2f", step, sts, ppl)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        with model.disable_adapter():
+            self._probe(model, 0)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        step = state.global_step
+        if step % self.every == 0 or step == state.max_steps:
+            self._probe(model, step)
+            model.save_pretrained(self.checkpoint_dir / f"step-{step}")
+
+    def probe_scales(self, model: Any, step: int, scales: Sequence[float]) -> None:
+        """Probe the current adapter (the selected step's, loaded by the caller) at each of ``scales``."""
+        for scale in scales:
+            if scale == 1.0:
+                continue
+            with lora_scaled(model, scale):
+                sts, ppl = probe(model.get_base_model(), self.tokenizer, self.probes, bf16=self.bf16)
+            self.results.append(ProbeResult(step, scale, sts, ppl))
+            log.info("train: step %d at scale %.2f: STS-B dev subset %.2f, perplexity %.2f", step, scale, sts, ppl)
+
+
+def select_and_install(callback: CheckpointProbe, model: Any, out_dir: Path, *, max_perplexity_ratio: float | None,
+                       scales: Sequence[float]) -> tuple[ProbeResult, list[dict[str, Any]]]:
+    """Pick the best passing step, probe its adapter at ``scales``, pick again, and write the chosen adapter to
+    ``out_dir/adapter`` (scaled when a scale other than 1 won). Returns the choice and every probe as dicts."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    by_step = select(judge(callback.results, max_perplexity_ratio), max_perplexity_ratio)
+    if scales:
+        state = load_file(callback.checkpoint_dir / f"step-{by_step.step}" / "adapter_model.safetensors")
+        set_peft_model_state_dict(model, state)
+        callback.probe_scales(model, by_step.step, scales)
+    results = judge(callback.results, max_perplexity_ratio)
+    chosen = select([r for r in results if r.step == by_step.step or r.step == 0], max_perplexity_ratio) \
+        if scales else by_step
+    adapter = Path(out_dir) / "adapter"
+    shutil.rmtree(adapter, ignore_errors=True)
+    shutil.copytree(callback.checkpoint_dir / f"step-{chosen.step}", adapter)
+    if chosen.scale != 1.0:
+        scale_adapter_file(adapter, chosen.scale)
+    return chosen, [asdict(r) for r in results]

@@ -1,0 +1,277 @@
+"""A faster TRL ``DPOTrainer`` for CPUs: the prompt computed once per pair, log-probs only where needed,
+reference log-probs cached between runs. The loss is TRL's own; only how the model is run changes.
+
+Why: in a SemPA triple the prompt (chat template + paraphrase template + premise) is about 80 % of
+each sequence, and TRL runs it twice (``[prompt+chosen; prompt+rejected]``). On a CPU TRL's fused LM
+head also projects *every* position onto the 49k-word vocabulary, prompt included.
+
+``SharedPromptDPOTrainer`` keeps everything of ``DPOTrainer`` (data preparation, collator, every
+``loss_type``, metrics, logging) and replaces the policy forward that ``_compute_loss`` calls:
+
+* **one packed sequence per pair**, ``prompt | chosen | rejected``, with a 4-D attention mask in which
+  rejected tokens see the prompt but not the chosen answer, and position ids that restart after the
+  prompt for the rejected answer — the same attention each token gets in TRL's two sequences;
+* **the LM head over completion positions only** (the last prompt token predicts the first token of
+  both answers);
+* it returns the tensors TRL's fused head returns (``log_probs``, ``entropy``, ``mean_logits``, …),
+  laid out on TRL's ``[chosen; rejected]`` rows, so the rest of ``_compute_loss`` runs unchanged.
+  A batch that does not have that layout (prompts that differ, an MoE model, pre-shifted labels) goes
+  through TRL's own forward.
+
+With ``ref_cache_dir`` the precomputed reference log-probs are stored under a key of (reference
+model hash, tokenized data, max length, precision), so a second run on the same data skips that pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+from trl import DPOTrainer
+
+from sempa_train.io import write_parquet
+
+log = logging.getLogger(__name__)
+
+REF_LOGPS_SCHEMA = pl.Schema({"ref_chosen_logps": pl.Float32, "ref_rejected_logps": pl.Float32})
+MASKS_BY_IMPLEMENTATION = {"sdpa": torch.bool, "eager": torch.float32}
+
+
+@dataclass(frozen=True)
+class PackedPairs:
+    """``B`` preference pairs packed as ``prompt | chosen | rejected``, and where each log-prob comes from.
+
+    ``source_row``/``source_pos`` index the packed hidden states whose next token is ``target``, in the
+    row-major order of TRL's completion mask over ``[chosen rows; rejected rows]``.
+    """
+
+    input_ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, 1, T, T), True where a query may attend to a key
+    source_row: torch.Tensor  # (N,)
+    source_pos: torch.Tensor  # (N,)
+    target: torch.Tensor  # (N,)
+
+
+def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> PackedPairs | None:
+    """Pack TRL's collated ``[prompt+chosen; prompt+rejected]`` batch (right padded) into one row per pair.
+
+    Returns None when row ``i`` and row ``B + i`` do not start with the same prompt.
+    """
+    rows = input_ids.size(0)
+    if rows % 2:
+        return None
+    half = rows // 2
+    lengths = attention_mask.sum(dim=1).tolist()
+    completion = (labels != -100) & attention_mask.bool()
+    has_completion = completion.any(dim=1).tolist()
+    first = completion.int().argmax(dim=1).tolist()
+    prompt_len = [first[r] if has_completion[r] else lengths[r] for r in range(rows)]
+    sequences, segments, positions = [], [], []
+    source_row: list[int] = []
+    source_pos: list[int] = []
+    target: list[int] = []
+    for i in range(half):
+        p, j = prompt_len[i], half + i
+        if prompt_len[j] != p or not torch.equal(input_ids[i, :p], input_ids[j, :p]):
+            return None
+        chosen, rejected = input_ids[i, p : lengths[i]], input_ids[j, p : lengths[j]]
+        c, r = len(chosen), len(rejected)
+        sequences.append(torch.cat([input_ids[i, :p], chosen, rejected]))
+        segments.append([0] * p + [1] * c + [2] * r)
+        positions.append(list(range(p + c)) + list(range(p, p + r)))
+        # chosen token k is predicted at packed position p-1+k (the last prompt token for k = 0)
+        source_row += [i] * c
+        source_pos += [p - 1 + k for k in range(c)]
+        target += chosen.tolist()
+    for i in range(half):
+        p, c = prompt_len[i], lengths[i] - prompt_len[i]
+        rejected = input_ids[half + i, p : lengths[half + i]]
+        # rejected token k is predicted by the last prompt token (k = 0) or by rejected token k-1
+        source_row += [i] * len(rejected)
+        source_pos += [p - 1 if k == 0 else p + c + k - 1 for k in range(len(rejected))]
+        target += rejected.tolist()
+    width = max(len(s) for s in sequences)
+    device = input_ids.device
+    packed = torch.zeros(half, width, dtype=input_ids.dtype, device=device)
+    segment = torch.full((half, width), -1, dtype=torch.long, device=device)
+    position = torch.zeros(half, width, dtype=torch.long, device=device)
+    for i, (seq, seg, pos) in enumerate(zip(sequences, segments, positions, strict=True)):
+        packed[i, : len(seq)] = seq
+        segment[i, : len(seq)] = torch.tensor(seg, device=device)
+        position[i, : len(seq)] = torch.tensor(pos, device=device)
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    mask = causal & (key >= 0) & ~((query == 2) & (key == 1))
+    mask |= torch.eye(width, dtype=torch.bool, device=device)  # no all-masked row (NaN in softmax)
+    return PackedPairs(
+        input_ids=packed, position_ids=position, attention_mask=mask.unsqueeze(1),
+        source_row=torch.tensor(source_row, dtype=torch.long, device=device),
+        source_pos=torch.tensor(source_pos, dtype=torch.long, device=device),
+        target=torch.tensor(target, dtype=torch.long, device=device),
+    )
+
+
+def completion_token_stats(hidden: torch.Tensor, lm_head: torch.nn.Module, target: torch.Tensor,
+                           outputs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Per-token log-prob of ``target`` (with gradient) and the metric fields TRL's fused head can return."""
+    logits = lm_head(hidden).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    stats = {"log_probs": logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - lse}
+    with torch.no_grad():
+        if "entropy" in outputs:
+            stats["entropy"] = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        if "mean_logits" in outputs:
+            stats["mean_logits"] = logits.mean(-1)
+        if "is_top1" in outputs:
+            stats["is_top1"] = logits.argmax(-1) == target
+    if "log_sum_sq_probs" in outputs:
+        stats["log_sum_sq_probs"] = torch.logsumexp(2 * (logits - lse.unsqueeze(-1)), dim=-1)
+    return stats
+
+
+def shared_prompt_forward(model: Any, packed: PackedPairs, label_mask: torch.Tensor,
+                          outputs: tuple[str, ...]) -> Any:
+    """Run the packed pairs through ``model``'s backbone and return TRL's ``FusedCausalLMOutput`` for the batch.
+
+    ``label_mask`` is TRL's shifted completion mask over the ``[chosen; rejected]`` rows.
+    """
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    mask = packed.attention_mask
+    dtype = MASKS_BY_IMPLEMENTATION[model.config._attn_implementation]
+    if dtype is not torch.bool:  # eager attention adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    hidden = model.base_model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                              use_cache=False).last_hidden_state
+    stats = completion_token_stats(hidden[packed.source_row, packed.source_pos], model.get_output_embeddings(),
+                                   packed.target, outputs)
+    per_token = {name: value.new_zeros(label_mask.shape).masked_scatter(label_mask, value)
+                 for name, value in stats.items()}
+    loss = -stats["log_probs"].sum() / label_mask.sum().clamp(min=1)
+    return FusedCausalLMOutput(loss=loss, label_mask=label_mask, **per_token)
+
+
+def install_forward(model: Any, outputs: tuple[str, ...], *, share_prompt: bool,
+                    on_policy_output: Callable[[Any], None] | None = None) -> None:
+    """Wrap ``model.forward`` (already patched by TRL's fused head): with ``share_prompt`` DPO batches go through
+    ``shared_prompt_forward``; ``on_policy_output`` sees every output computed with gradients (the policy pass)."""
+    if getattr(model, "_sempa_forward", False):
+        return
+    if share_prompt and model.config._attn_implementation not in MASKS_BY_IMPLEMENTATION:
+        log.warning("train: shared-prompt forward needs sdpa or eager attention, not %s; using TRL's",
+                    model.config._attn_implementation)
+        share_prompt = False
+    fused_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self: Any, *args: Any, fused_lm_head: bool = False, labels: Any = None, **kwargs: Any) -> Any:
+        packed = None
+        if share_prompt and fused_lm_head and labels is not None and not args \
+                and kwargs.get("shift_labels") is None and not kwargs.get("output_router_logits") \
+                and kwargs.get("attention_mask") is not None:
+            packed = pack_pairs(kwargs["input_ids"], kwargs["attention_mask"], labels)
+        if packed is None:
+            output = fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        else:
+            output = shared_prompt_forward(self, packed, labels[:, 1:] != -100, outputs)
+        if fused_lm_head and on_policy_output is not None and torch.is_grad_enabled():
+            on_policy_output(output)
+        return output
+
+    model.forward = types.MethodType(forward, model)
+    model._sempa_forward = True
+
+
+class SharedPromptDPOTrainer(DPOTrainer):
+    """``DPOTrainer`` with the shared-prompt forward, an on-disk cache of reference log-probs, and DPO-Positive.
+
+    ``share_prompt=False`` keeps TRL's forward (for comparison); ``ref_cache_dir=None`` disables the cache.
+    ``dpop_lambda`` > 0 turns TRL's sigmoid term into Smaug's DPO-Positive loss
+    ``-log σ(β(Δ - λ·max(0, ref_chosen - policy_chosen)))``, which stops DPO from lowering the chosen answer's
+    likelihood below the reference's (it needs precomputed reference log-probs).
+    """
+
+    def __init__(self, *args: Any, share_prompt: bool = True, ref_cache_dir: Path | None = None,
+                 dpop_lambda: float = 0.0, **kwargs: Any) -> None:
+        # Set before super().__init__, which precomputes the reference log-probs through our override.
+        self.share_prompt = share_prompt
+        self.ref_cache_dir = Path(ref_cache_dir) if ref_cache_dir else None
+        self.ref_cache_hit: bool | None = None
+        self.dpop_lambda = dpop_lambda
+        self._policy_output: Any = None
+        super().__init__(*args, **kwargs)
+        if dpop_lambda and not (self.precompute_ref_logps and "sigmoid" in self.loss_types):
+            raise ValueError("dpop_lambda needs precompute_ref_log_probs and the sigmoid loss")
+        self._install_forward()
+
+    def _install_forward(self) -> None:
+        outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+        if self.use_weighting:
+            outputs += ("log_sum_sq_probs",)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        install_forward(base, outputs, share_prompt=self.share_prompt, on_policy_output=self._remember)
+
+    def _remember(self, output: Any) -> None:
+        self._policy_output = output
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        self._policy_output = None
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not self.dpop_lambda or self._policy_output is None:  # evaluation runs without gradients
+            return result
+        loss = result[0] if return_outputs else result
+        logps = (self._policy_output.log_probs * self._policy_output.label_mask).sum(dim=1)
+        chosen, rejected = logps.chunk(2)
+        ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        delta = (chosen - ref_chosen) - (rejected - ref_rejected)
+        shortfall = torch.relu(ref_chosen - chosen)
+        weight = self.loss_weights[self.loss_types.index("sigmoid")]
+        dpo = -torch.nn.functional.logsigmoid(self.beta * delta).mean()
+        dpop = -torch.nn.functional.logsigmoid(self.beta * (delta - self.dpop_lambda * shortfall)).mean()
+        loss = loss + weight * (dpop - dpo)  # TRL's sigmoid term replaced by the DPO-Positive one
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["dpop/shortfall"].append(self.accelerator.gather_for_metrics(shortfall).mean().item())
+        return (loss, result[1]) if return_outputs else loss
+
+    def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+        self._install_forward()
+        if self.ref_cache_dir is None:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        path = self.ref_cache_dir / f"{self._ref_cache_key(dataset)}.parquet"
+        self.ref_cache_hit = path.is_file()
+        if self.ref_cache_hit:
+            cached = pl.read_parquet(path)
+            if cached.height == len(dataset):
+                log.info("train: reference log-probs of %s rows from the cache %s", f"{len(dataset):,}", path)
+                for column in REF_LOGPS_SCHEMA:
+                    dataset = dataset.add_column(column, cached[column].to_list())
+                return dataset
+            log.warning("train: ignoring %s: %d rows for a dataset of %d", path, cached.height, len(dataset))
+        dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+        if self.accelerator.is_main_process:
+            write_parquet(pl.DataFrame({c: dataset[c] for c in REF_LOGPS_SCHEMA}, schema=REF_LOGPS_SCHEMA),
+                          path, REF_LOGPS_SCHEMA)
+        return dataset
+
+    def _ref_cache_key(self, dataset: Any) -> str:
+        """Hash of what the reference log-probs depend on: model weights, tokens, truncation, precision, forward."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps({
+            "model": self._precompute_model_hash, "max_length": self.args.max_length,
+            "truncation_mode": self.args.truncation_mode, "bf16": self.args.bf16, "fp16": self.args.fp16,
+            "ld_alpha": self.ld_alpha, "share_prompt": self.share_prompt,
+        }, sort_keys=True).encode())
+        for row in dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]):
+            digest.update(json.dumps(row).encode())
+        return digest.hexdigest()[:32]

@@ -1,0 +1,105 @@
+"""Checkpoint probes during training, gated selection and LoRA scaling."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_sts import make_senteval
+
+from sempa_train.checkpoints import (
+    NoPassingCheckpointError,
+    ProbeResult,
+    judge,
+    lora_scaled,
+    scale_adapter_file,
+    select,
+)
+from sempa_train.config import EmbedConfig, TrainConfig
+from sempa_train.embedding import load_encoder
+from sempa_train.train import train_dpo
+
+SENTENCES = ["A dog runs in the park.", "Two women are drinking coffee."]
+
+
+def test_selection_takes_the_best_sts_within_the_gate():
+    results = judge([ProbeResult(0, 1.0, 70.0, 100.0), ProbeResult(10, 1.0, 72.0, 103.0),
+                     ProbeResult(20, 1.0, 75.0, 110.0), ProbeResult(30, 1.0, 71.0, 104.0),
+                     ProbeResult(20, 0.5, 73.0, 104.5)], max_perplexity_ratio=1.05)
+    assert [r.passed for r in results] == [True, True, False, True, True]
+    assert results[2].perplexity_ratio == pytest.approx(1.10)
+    chosen = select(results, 1.05)
+    assert (chosen.step, chosen.scale) == (20, 0.5)
+    assert select(judge(results, None), None).step == 20  # no gate: the best STS
+
+
+def test_selection_refuses_when_every_checkpoint_fails():
+    results = judge([ProbeResult(0, 1.0, 70.0, 100.0), ProbeResult(10, 1.0, 72.0, 108.0),
+                     ProbeResult(20, 1.0, 75.0, 120.0)], max_perplexity_ratio=1.05)
+    with pytest.raises(NoPassingCheckpointError, match=r"ratio <= 1.05.*lowest ratio was 1.080 at step 10"):
+        select(results, 1.05)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, sample_prefs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    senteval = make_senteval(root / "senteval")
+    text = root / "heldout.txt"
+    text.write_text("A man is playing a guitar.\nThe children are in the garden.\nA woman reads a book.\n")
+    cfg = TrainConfig(model=str(tiny_model_dir), max_steps=3, batch_size=4, learning_rate=5e-2, bf16=False,
+                      eval_every=2, eval_senteval_dir=str(senteval), eval_text_file=str(text), eval_texts=3,
+                      select_max_perplexity_ratio=None, select_scales=(0.0, 0.5))
+    return cfg, train_dpo(cfg, sample_prefs, root / "model")
+
+
+def test_training_probes_steps_and_scales_and_keeps_the_choice(trained):
+    cfg, result = trained
+    rows = [json.loads(line) for line in (result.out_dir / "checkpoints.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["scale"]) for r in rows if r["scale"] == 1.0] == [(0, 1.0), (2, 1.0), (3, 1.0)]
+    chosen_step = result.metrics["selected_step"]
+    assert chosen_step in (2, 3)
+    assert {r["scale"] for r in rows if r["step"] == chosen_step} == {0.0, 0.5, 1.0}
+    best = max((r for r in rows if r["step"] > 0), key=lambda r: r["sts_spearman"])
+    assert result.metrics["selected_sts_spearman"] == best["sts_spearman"]
+    assert not (result.out_dir / "checkpoints").exists()
+    base = next(r for r in rows if r["step"] == 0)
+    zero = next(r for r in rows if r["scale"] == 0.0)
+    assert zero["perplexity"] == pytest.approx(base["perplexity"], rel=1e-4)  # scale 0 is the base model
+
+
+def test_all_failing_run_is_refused(tiny_model_dir, sample_prefs, trained, tmp_path):
+    cfg, _ = trained
+    impossible = cfg.replace(select_max_perplexity_ratio=1e-6, select_scales=())
+    with pytest.raises(NoPassingCheckpointError, match="no checkpoint passed the gate"):
+        train_dpo(impossible, sample_prefs, tmp_path / "model")
+    assert not (tmp_path / "model").exists() and not list(tmp_path.glob(".model.partial*"))
+
+
+def test_adapter_scaling_at_one_is_the_adapter_and_at_zero_the_base_model(tiny_model_dir, trained, tmp_path):
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, result = trained
+    embed = EmbedConfig(dtype="float32")
+    base = load_encoder(tiny_model_dir, embed, show_progress=False).encode(SENTENCES)
+    tuned = load_encoder(tiny_model_dir, embed, adapter=result.adapter_dir, show_progress=False).encode(SENTENCES)
+    for scale, expected in ((1.0, tuned), (0.0, base)):
+        scaled = tmp_path / f"x{scale}"
+        shutil.copytree(result.adapter_dir, scaled)
+        scale_adapter_file(scaled, scale)
+        got = load_encoder(tiny_model_dir, embed, adapter=scaled, show_progress=False).encode(SENTENCES)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.adapter_dir).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        with lora_scaled(model, 0.0):
+            zero = model(input_ids=ids).logits
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    torch.testing.assert_close(zero, plain)
+    torch.testing.assert_close(again, full)  # the context restores the trained weights

@@ -1,0 +1,159 @@
+"""The shared-prompt DPO trainer computes TRL's loss, faster; reference log-probs are cached by content."""
+
+import json
+
+import pytest
+import torch
+
+from sempa_train.config import TrainConfig
+from sempa_train.fast_dpo import SharedPromptDPOTrainer, pack_pairs
+from sempa_train.train import train_dpo
+
+
+def test_pack_pairs_layout():
+    # two pairs, right padded like TRL's collator: rows 0-1 prompt+chosen, rows 2-3 prompt+rejected (pad 0)
+    input_ids = torch.tensor([[5, 6, 7, 8, 0], [5, 9, 10, 0, 0], [5, 6, 11, 12, 0], [5, 9, 13, 14, 0]])
+    attention = (torch.arange(5) < torch.tensor([[4], [3], [4], [4]])).long()
+    prompt_len = torch.tensor([[2], [2], [2], [2]])  # prompts (5, 6) and (5, 9)
+    labels = input_ids.masked_fill((torch.arange(5) < prompt_len) | (attention == 0), -100)
+    packed = pack_pairs(input_ids, attention, labels)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 11, 12], [5, 9, 10, 13, 14, 0]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 3], [0, 1, 2, 2, 3, 0]]
+    mask = packed.attention_mask[0, 0]
+    assert mask[4].tolist() == [True, True, False, False, True, False]  # rejected sees the prompt, not the chosen
+    assert mask[3].tolist() == [True, True, True, True, False, False]  # chosen is causal as usual
+    assert packed.attention_mask[1, 0, :5, 5].tolist() == [False] * 5  # nobody attends to padding
+    # chosen of pair 0, chosen of pair 1, rejected of pair 0, rejected of pair 1; the first answer token of each
+    # is predicted by the last prompt token (position 1)
+    assert packed.source_row.tolist() == [0, 0, 1, 0, 0, 1, 1]
+    assert packed.source_pos.tolist() == [1, 2, 1, 1, 4, 1, 3]
+    assert packed.target.tolist() == [7, 8, 10, 11, 12, 13, 14]
+
+
+def test_pack_pairs_refuses_different_prompts():
+    input_ids = torch.tensor([[5, 6, 7], [5, 8, 7]])
+    labels = torch.tensor([[-100, -100, 7], [-100, -100, 7]])
+    assert pack_pairs(input_ids, torch.ones_like(input_ids), labels) is None
+
+
+def _trainers(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from sempa_train.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir, padding_side="right")
+    records = [{"prompt": [{"role": "user", "content": f"Keep the meaning of sentence {i}: a dog runs."}],
+                "chosen": [{"role": "assistant", "content": "A dog is running." + " fast" * (i % 3)}],
+                "rejected": [{"role": "assistant", "content": "A cat sleeps" + " now" * i}]} for i in range(8)]
+    trainers = []
+    for cls in (DPOTrainer, SharedPromptDPOTrainer):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        args = DPOConfig(output_dir=str(tmp_path / cls.__name__), use_cpu=True, bf16=False, max_steps=1,
+                         per_device_train_batch_size=4, report_to=[], max_length=64)
+        trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer,
+                      peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+        generator = torch.Generator().manual_seed(0)
+        for name, param in sorted(trainer.model.named_parameters()):
+            if "lora_B" in name:  # non-zero adapters, so policy and reference differ
+                param.data = torch.randn(param.shape, generator=generator) * 0.05
+        trainers.append(trainer)
+    return trainers
+
+
+def test_shared_prompt_forward_gives_trls_loss_metrics_and_gradients(tiny_model_dir, tmp_path):
+    plain, shared = _trainers(tiny_model_dir, tmp_path)
+    batch = plain.data_collator([plain.train_dataset[i] for i in range(4)])
+    results = []
+    for trainer in (plain, shared):
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((float(loss.detach()), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}))
+    (loss_a, grads_a, metrics_a), (loss_b, grads_b, metrics_b) = results
+    assert loss_a == pytest.approx(loss_b, abs=1e-5) and loss_a != pytest.approx(0.6931, abs=1e-3)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6)
+    for key in ("logps/chosen", "logps/rejected", "rewards/margins", "entropy", "mean_token_accuracy"):
+        assert metrics_b[key] == pytest.approx(metrics_a[key], rel=1e-4, abs=1e-5), key
+
+
+def test_train_matches_trl_first_step_and_caches_reference_logps(tiny_model_dir, sample_prefs, tmp_path,
+                                                                 monkeypatch):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from sempa_train.io import read_dataset
+    from sempa_train.models import load_tokenizer
+    from sempa_train.train import to_trl_records
+
+    monkeypatch.setenv("SEMPA_CACHE_DIR", str(tmp_path / "cache"))  # an empty reference-log-prob cache
+    cfg = TrainConfig(model=str(tiny_model_dir), max_steps=2, batch_size=4, learning_rate=1e-2, lora_dropout=0.0,
+                      bf16=False)
+    first = train_dpo(cfg, sample_prefs, tmp_path / "a")
+    second = train_dpo(cfg, sample_prefs, tmp_path / "b")
+    assert first.metrics["ref_log_probs_cached"] is False and second.metrics["ref_log_probs_cached"] is True
+
+    torch.manual_seed(cfg.seed)
+    plain = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+        args=DPOConfig(output_dir=str(tmp_path / "plain"), use_cpu=True, bf16=False, max_steps=2, learning_rate=1e-2,
+                       warmup_steps=cfg.warmup_ratio, lr_scheduler_type="cosine", per_device_train_batch_size=4,
+                       max_length=cfg.max_length, seed=cfg.seed, logging_steps=1, report_to=[], save_strategy="no"),
+        train_dataset=Dataset.from_list(to_trl_records(read_dataset(sample_prefs, "preferences"), chat=True)),
+        processing_class=load_tokenizer(tiny_model_dir, padding_side="right"),
+        peft_config=LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                               target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    plain.train()
+    reference = [h for h in plain.state.log_history if "loss" in h]
+    for run in (first, second):
+        logged = [json.loads(line) for line in (run.out_dir / "train_log.jsonl").read_text().splitlines()]
+        logged = [h for h in logged if "loss" in h]
+        assert logged[0]["loss"] == pytest.approx(reference[0]["loss"], abs=1e-3)
+        assert logged[0]["logps/chosen"] == pytest.approx(reference[0]["logps/chosen"], rel=1e-4)
+        # the second step depends on the first update: the same update gives the same numbers
+        assert logged[1]["loss"] == pytest.approx(reference[1]["loss"], abs=1e-3)
+
+
+@pytest.mark.parametrize(("loss", "extra"), [
+    ("sigmoid,sft", {"loss_weights": (1.0, 0.5)}),
+    ("apo_zero", {}), ("nca_pair", {}), ("bco_pair", {}), ("ipo", {"beta": 0.5}),
+    ("sigmoid", {"dpop_lambda": 50.0}),
+])
+def test_each_objective_trains_and_logs(tiny_model_dir, sample_prefs, tmp_path, loss, extra):
+    cfg = TrainConfig(model=str(tiny_model_dir), max_steps=2, batch_size=4, learning_rate=1e-2, loss_type=loss,
+                      bf16=False, **extra)
+    result = train_dpo(cfg, sample_prefs, tmp_path / "model")
+    logged = [json.loads(line) for line in (result.out_dir / "train_log.jsonl").read_text().splitlines()]
+    steps = [h for h in logged if "loss" in h]
+    assert len(steps) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in steps)
+    assert all("logps/chosen" in h and "rewards/chosen" in h for h in steps)
+    if "dpop_lambda" in extra:
+        assert all("dpop/shortfall" in h for h in steps)
+    assert json.loads((result.out_dir / "config.json").read_text())["loss_type"] == loss
+
+
+def test_dpo_positive_equals_dpo_without_a_shortfall(tiny_model_dir, sample_prefs, tmp_path):
+    """At the first step policy = reference, so the shortfall is 0 and DPO-Positive's loss is DPO's."""
+    plain = train_dpo(TrainConfig(model=str(tiny_model_dir), max_steps=1, batch_size=4, bf16=False),
+                      sample_prefs, tmp_path / "dpo")
+    dpop = train_dpo(TrainConfig(model=str(tiny_model_dir), max_steps=1, batch_size=4, bf16=False, dpop_lambda=5.0),
+                     sample_prefs, tmp_path / "dpop")
+    assert dpop.metrics["final_loss"] == pytest.approx(plain.metrics["final_loss"], abs=1e-6)
+
+
+def test_objective_settings_are_checked():
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        TrainConfig(loss_type="sigmoid,dpo")
+    with pytest.raises(ValueError, match="one weight per loss_type"):
+        TrainConfig(loss_type="sigmoid,sft", loss_weights=(1.0,))
+    with pytest.raises(ValueError, match="dpop_lambda works on the sigmoid loss"):
+        TrainConfig(loss_type="ipo", dpop_lambda=1.0)
