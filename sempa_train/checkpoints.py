@@ -2,11 +2,13 @@
 
 DPO on a small model trades embedding quality against generation: STS rises for a while, then
 perplexity on unseen text climbs. Rather than fixing the number of steps, ``train_dpo`` can probe the
-policy every ``eval_every`` steps on a fixed, seeded subset of STS-B dev pairs (PromptEOL Spearman) and
+policy every ``eval_every`` steps on a fixed, seeded subset of STS-B pairs (PromptEOL Spearman; the train
+split by default, so that the dev scores reported afterwards are not the ones the selection maximised) and
 on held-out text (perplexity), keep each probed adapter, and pick the best STS among the checkpoints
-whose perplexity ratio passes the gate. After training it can also scale the chosen LoRA update
-(``B ← s·B``, so the weight change is ``s`` times the trained one) at a few scales, which costs no
-training and maps the trade-off between the base model (``s = 0``) and the trained adapter (``s = 1``).
+whose perplexity ratio passes the gate. After training it can also scale the LoRA update of the
+best-STS step (``B ← s·B``, so the weight change is ``s`` times the trained one) at a few scales,
+which costs no training and maps the trade-off between the base model (``s = 0``) and the trained
+adapter (``s = 1``); the scaled probes compete with the steps for the choice.
 
 Every probe is a row of ``checkpoints.jsonl`` in the model folder:
 ``{"step", "scale", "sts_spearman", "perplexity", "perplexity_ratio", "passed"}``; step 0 is the base model.
@@ -46,9 +48,10 @@ class Probes:
     texts: list[str]
 
     @classmethod
-    def load(cls, senteval_dir: str | Path, pairs: int, text_file: str | Path, texts: int, seed: int = 0) -> Probes:
-        """A seeded subset of ``pairs`` STS-B dev pairs and the first ``texts`` held-out texts."""
-        dev = load_senteval_task(Path(senteval_dir), "STSBenchmark", "dev")[0]
+    def load(cls, senteval_dir: str | Path, pairs: int, text_file: str | Path, texts: int, seed: int = 0,
+             split: str = "train") -> Probes:
+        """A seeded subset of ``pairs`` STS-B pairs of ``split`` and the first ``texts`` held-out texts."""
+        dev = load_senteval_task(Path(senteval_dir), "STSBenchmark", split)[0]
         rng = np.random.default_rng(seed)
         idx = np.sort(rng.choice(len(dev), size=min(pairs, len(dev)), replace=False))
         subset = STSSubset(task=dev.task, name=dev.name, split=dev.split, sent1=[dev.sent1[i] for i in idx],
@@ -68,7 +71,7 @@ class ProbeResult:
 
 @torch.no_grad()
 def probe(model: Any, tokenizer: Any, probes: Probes, *, bf16: bool = False) -> tuple[float, float]:
-    """``(STS-B dev subset Spearman x 100, held-out perplexity)`` of a causal LM as it is now (adapter active)."""
+    """``(STS-B subset Spearman x 100, held-out perplexity)`` of a causal LM as it is now (adapter active)."""
     was_training = model.training
     model.eval()
     autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -155,7 +158,7 @@ class CheckpointProbe(TrainerCallback):
         base = model.get_base_model()
         sts, ppl = probe(base, self.tokenizer, self.probes, bf16=self.bf16)
         self.results.append(ProbeResult(step, 1.0, sts, ppl))
-        log.info("train: step %d: STS-B dev subset %.2f, held-out perplexity %.2f", step, sts, ppl)
+        log.info("train: step %d: STS-B probe %.2f, held-out perplexity %.2f", step, sts, ppl)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         with model.disable_adapter():
@@ -168,34 +171,36 @@ class CheckpointProbe(TrainerCallback):
             model.save_pretrained(self.checkpoint_dir / f"step-{step}")
 
     def probe_scales(self, model: Any, step: int, scales: Sequence[float]) -> None:
-        """Probe the current adapter (the selected step's, loaded by the caller) at each of ``scales``."""
+        """Probe the adapter now loaded in ``model`` (the one of ``step``) at each of ``scales``."""
         for scale in scales:
             if scale == 1.0:
                 continue
             with lora_scaled(model, scale):
                 sts, ppl = probe(model.get_base_model(), self.tokenizer, self.probes, bf16=self.bf16)
             self.results.append(ProbeResult(step, scale, sts, ppl))
-            log.info("train: step %d at scale %.2f: STS-B dev subset %.2f, perplexity %.2f", step, scale, sts, ppl)
+            log.info("train: step %d at scale %.2f: STS-B probe %.2f, perplexity %.2f", step, scale, sts, ppl)
 
 
 def select_and_install(callback: CheckpointProbe, model: Any, out_dir: Path, *, max_perplexity_ratio: float | None,
                        scales: Sequence[float]) -> tuple[ProbeResult, list[dict[str, Any]]]:
-    """Pick the best passing step, probe its adapter at ``scales``, pick again, and write the chosen adapter to
-    ``out_dir/adapter`` (scaled when a scale other than 1 won). Returns the choice and every probe as dicts."""
+    """Probe the adapter of the best-STS step at ``scales`` (whether or not that step passed the gate: scaling the
+    update down is how a step that moved too far can come back within it), pick the best passing probe of all, and
+    write its adapter to ``out_dir/adapter`` (scaled when a scale other than 1 won) and load it into ``model``.
+    Returns the choice and every probe as dicts; raises ``NoPassingCheckpointError`` when no probe passed."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    by_step = select(judge(callback.results, max_perplexity_ratio), max_perplexity_ratio)
     if scales:
-        state = load_file(callback.checkpoint_dir / f"step-{by_step.step}" / "adapter_model.safetensors")
+        best = max((r for r in callback.results if r.step > 0), key=lambda r: r.sts_spearman)
+        state = load_file(callback.checkpoint_dir / f"step-{best.step}" / "adapter_model.safetensors")
         set_peft_model_state_dict(model, state)
-        callback.probe_scales(model, by_step.step, scales)
+        callback.probe_scales(model, best.step, scales)
     results = judge(callback.results, max_perplexity_ratio)
-    chosen = select([r for r in results if r.step == by_step.step or r.step == 0], max_perplexity_ratio) \
-        if scales else by_step
+    chosen = select(results, max_perplexity_ratio)
     adapter = Path(out_dir) / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
     shutil.copytree(callback.checkpoint_dir / f"step-{chosen.step}", adapter)
     if chosen.scale != 1.0:
         scale_adapter_file(adapter, chosen.scale)
+    set_peft_model_state_dict(model, load_file(adapter / "adapter_model.safetensors"))  # the model = the choice
     return chosen, [asdict(r) for r in results]

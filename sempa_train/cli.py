@@ -21,6 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sempa_train.config import (
     C,
@@ -40,6 +41,20 @@ log = logging.getLogger("sempa")
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs too")
+
+
+def _stage_parser(sub: Any, name: str, cls: type, *, help: str, description: str,
+                  inputs: dict[str, tuple[bool, str]] | None = None, out: str = "output folder") -> Any:
+    """A stage's subcommand: its input folders (flag → (required, help)), --out, --config, one flag per config
+    field, --overwrite and -v."""
+    p = sub.add_parser(name, help=help, description=description)
+    for flag, (required, text) in (inputs or {}).items():
+        p.add_argument(f"--{flag}", type=Path, required=required, help=text)
+    p.add_argument("--out", type=Path, required=True, help=out)
+    p.add_argument("--config", type=Path, help=f"YAML/JSON file of {cls.__name__} fields")
+    add_arguments(p, cls)
+    _common(p)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,36 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("dev", "test"), help="STS-B / SICK split (default dev)")
     _common(p)
 
-    p = sub.add_parser("prepare", help="NLI source → triples and gold preference datasets",
-                       description="Read NLI pairs, group them by premise into (premise, entailment, "
-                       "contradiction) triples, and build the paper's gold preference dataset. Writes "
-                       "OUT/triples and OUT/preferences (Parquet + dataset card + manifest).")
-    p.add_argument("--config", type=Path, help="YAML/JSON file of PrepareConfig fields")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    add_arguments(p, PrepareConfig)
-    _common(p)
+    _stage_parser(sub, "prepare", PrepareConfig, help="NLI source → triples and gold preference datasets",
+                  description="Read NLI pairs, group them by premise into (premise, entailment, contradiction) "
+                  "triples, and build the paper's gold preference dataset. Writes OUT/triples and OUT/preferences "
+                  "(Parquet + dataset card + manifest).")
 
-    p = sub.add_parser("sample", help="n paraphrase candidates per premise from the policy (vLLM or transformers)",
-                       description="Sample paraphrase candidates for every premise of a triples dataset, in "
-                       "resumable shards (a re-run skips finished shards). Backend auto: vLLM when installed, "
-                       "else transformers. Writes a candidates dataset folder.")
-    p.add_argument("--triples", type=Path, required=True, help="triples dataset folder (from sempa prepare)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--config", type=Path, help="YAML/JSON file of SampleConfig fields")
-    add_arguments(p, SampleConfig)
-    _common(p)
+    _stage_parser(sub, "sample", SampleConfig,
+                  help="n paraphrase candidates per premise from the policy (vLLM or transformers)",
+                  description="Sample paraphrase candidates for every premise of a triples dataset, in resumable "
+                  "shards (a re-run skips finished shards). Backend auto: vLLM on a GPU or a CPU with AVX-512, "
+                  "else transformers (the log says why). Writes a candidates dataset folder.",
+                  inputs={"triples": (True, "triples dataset folder (from sempa prepare)")})
 
-    p = sub.add_parser("rank", help="candidates + triples → scored, filtered preference triples",
-                       description="Build preference triples with a strategy (gold, sampled, hybrid) and a "
-                       "scorer (embedding, policy, nli), filtering copies, empty/truncated candidates, length "
-                       "ratios, duplicates, low margins and evaluation-set sentences; every drop is counted in "
-                       "the dataset card.")
-    p.add_argument("--triples", type=Path, help="triples dataset folder (gold pairs, contradictions)")
-    p.add_argument("--candidates", type=Path, help="candidates dataset folder (from sempa sample)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--config", type=Path, help="YAML/JSON file of RankConfig fields")
-    add_arguments(p, RankConfig)
-    _common(p)
+    _stage_parser(sub, "rank", RankConfig, help="candidates + triples → scored, filtered preference triples",
+                  description="Build preference triples with a strategy (gold, sampled, hybrid) and a scorer "
+                  "(embedding, policy, nli), filtering copies, empty/truncated candidates, length ratios, "
+                  "duplicates, low margins and evaluation-set sentences; every drop is counted in the dataset card.",
+                  inputs={"triples": (False, "triples dataset folder (gold pairs, contradictions)"),
+                          "candidates": (False, "candidates dataset folder (from sempa sample)")})
 
     p = sub.add_parser("prefect", help="local Prefect: up (server, pool, deployments, worker), run, status, down",
                        description="Set up Prefect locally in one step: `up` starts a server on 127.0.0.1 "
@@ -106,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=4200, help="server port on 127.0.0.1 (default 4200)")
     p.add_argument("--state-dir", type=Path, default=Path("outputs/prefect"), help="pid files and logs")
 
-    p = sub.add_parser("experiment", help="compare preference strategies under one training budget",
+    p = sub.add_parser("experiment", help="compare arms (preference strategies, objectives, ...) under one budget",
                        description="Run (or resume) an experiment: shared data preparation and sampling, then per "
                        "arm ranking, DPO training and evaluation against the untuned baseline. Writes "
-                       "OUT/results.json and OUT/results.md.")
+                       "OUT/results.json, OUT/results.md and OUT/pareto.png.")
     p.add_argument("config", type=Path, help="experiment YAML (see sempa_train/configs/experiments/)")
     p.add_argument("--results-only", action="store_true",
                    help="run nothing: write the results table of the arms evaluated so far (of a stopped run)")
@@ -124,16 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path)
     p.add_argument("--rows", type=int, default=5, help="rows to show (default 5)")
 
-    p = sub.add_parser("train", help="DPO + LoRA on a preference dataset (TRL DPOTrainer)",
-                       description="Train a LoRA adapter with DPO. Presets: cpu (default; batch 8, fp32, "
-                       "max_length 128, precomputed reference log-probs) and paper (effective batch 256, bf16, "
-                       "max_length 1024). Flags override the preset and the --config file.")
-    p.add_argument("--data", type=Path, required=True, help="preference dataset folder or Parquet file")
-    p.add_argument("--out", type=Path, required=True, help="output folder (adapter, logs, manifest)")
+    p = _stage_parser(sub, "train", TrainConfig, help="DPO + LoRA on a preference dataset (TRL DPOTrainer)",
+                      description="Train a LoRA adapter with DPO. Presets: cpu (default; batch 8, max_length 128, "
+                      "bf16 only where the CPU has bf16 units, reference log-probs precomputed and cached, the "
+                      "prompt run once per pair) and paper (effective batch 256, bf16, max_length 1024). With "
+                      "--eval-every the best probed step within the perplexity gate is kept. Flags override the "
+                      "preset and the --config file.",
+                      inputs={"data": (True, "preference dataset folder or Parquet file")},
+                      out="output folder (adapter, logs, manifest)")
     p.add_argument("--preset", default="cpu", choices=("cpu", "paper"), help="base settings (default cpu)")
-    p.add_argument("--config", type=Path, help="YAML/JSON file of TrainConfig fields")
-    add_arguments(p, TrainConfig)
-    _common(p)
 
     p = sub.add_parser("eval", help="STS evaluation (Spearman x 100 of cosine similarity)",
                        description="Evaluate sentence embeddings on STS tasks. A sentence-transformers folder "

@@ -215,8 +215,8 @@ class TrainConfig(StageConfig):
     ``learning_rate``, ``warmup_ratio``, ``lr_scheduler``, ``epochs``, ``max_steps``,
     ``batch_size``, ``gradient_accumulation_steps``, ``max_length``. Speed: ``precompute_ref_log_probs``,
     ``cache_ref_log_probs``, ``share_prompt``, ``gradient_checkpointing``. Checkpoint selection: ``eval_every``,
-    ``eval_senteval_dir``, ``eval_sts_pairs``, ``eval_text_file``, ``eval_texts``, ``select_max_perplexity_ratio``,
-    ``select_scales``. Output: ``save_merged``.
+    ``eval_senteval_dir``, ``eval_sts_split``, ``eval_sts_pairs``, ``eval_text_file``, ``eval_texts``,
+    ``select_max_perplexity_ratio``, ``select_scales``. Output: ``save_merged``.
     Presets: ``paper`` (the paper's recipe, for GPUs) and ``cpu`` (small batches, precomputed and cached
     reference log-probs, bf16 only where the CPU has bf16 units).
     """
@@ -260,10 +260,12 @@ class TrainConfig(StageConfig):
                                 "and the LM head over answer tokens only; the loss is TRL's, computed faster")
     gradient_checkpointing: bool = option(False, "trade compute for memory")
     logging_steps: int = option(1, "log every N steps")
-    eval_every: int = option(0, "probe the policy every N steps (STS-B dev subset + held-out perplexity) and keep the "
+    eval_every: int = option(0, "probe the policy every N steps (STS-B subset + held-out perplexity) and keep the "
                              "best step within select_max_perplexity_ratio as the adapter (0: off, keep the last)")
     eval_senteval_dir: str | None = option(None, "SentEval data folder of the in-training STS-B dev probe")
-    eval_sts_pairs: int = option(500, "STS-B dev pairs in the probe (a subset seeded with seed)")
+    eval_sts_split: str = option("train", "STS-B split of the probe; train keeps the dev scores you report free of "
+                                 "the selection's bias", choices=("train", "dev"))
+    eval_sts_pairs: int = option(500, "STS-B pairs in the probe (a subset seeded with seed)")
     eval_text_file: str = option("data/heldout_text.txt", "held-out text of the perplexity probe (.txt or NLI .jsonl); "
                                  "must be text no arm trains on")
     eval_texts: int = option(100, "held-out texts in the perplexity probe")
@@ -299,6 +301,7 @@ class TrainConfig(StageConfig):
         if self.effective_batch_size is not None:
             _check_positive("effective_batch_size", self.effective_batch_size)
         _check_positive("eval_every", self.eval_every, allow_zero=True)
+        _check_choice("eval_sts_split", self.eval_sts_split, ("train", "dev"))
         if self.eval_every and not self.eval_senteval_dir:
             raise ValueError("eval_every needs eval_senteval_dir (the SentEval folder with STS-B dev)")
         for name in ("eval_sts_pairs", "eval_texts"):
@@ -384,8 +387,8 @@ class SampleConfig(StageConfig):
     """On-policy paraphrase candidates: n samples per premise from the policy model.
 
     Model and prompt: ``model``, ``template``, ``chat_template``. Sampling: ``n``, ``temperature``,
-    ``top_p``, ``max_tokens``, ``seed``. Work split: ``shard_size`` (premises per resumable shard),
-    ``max_premises``. Backend: ``backend``, ``batch_size`` and ``dtype``/``device`` (transformers),
+    ``top_p``, ``max_tokens``, ``stop_at_newline``, ``seed``. Work split: ``shard_size`` (premises per
+    resumable shard), ``max_premises``. Backend: ``backend``, ``batch_size`` and ``dtype``/``device`` (transformers),
     ``gpu_memory_utilization``, ``max_model_len``, ``tensor_parallel_size`` (vLLM).
     """
 
@@ -399,6 +402,8 @@ class SampleConfig(StageConfig):
     temperature: float = option(1.0, "sampling temperature (0: greedy)")
     top_p: float = option(0.95, "nucleus sampling mass")
     max_tokens: int = option(64, "max new tokens per candidate")
+    stop_at_newline: bool = option(False, "end a candidate at its first newline (a paraphrase is one line; what "
+                                   "follows is usually an explanation) instead of letting it run to max_tokens")
     seed: int = option(0, "base seed; each premise gets its own seed derived from it")
     shard_size: int = option(64, "premises per shard (the unit of resumption)")
     max_premises: int | None = option(None, "sample only the first N premises of the triples table")

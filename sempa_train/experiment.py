@@ -6,7 +6,8 @@ a mapping from arm name to section overrides (usually ``rank: {strategy: ...}``)
 prepared and sampled once; each arm ranks, trains (same ``max_steps``) and is evaluated against
 the same untuned baseline. Every step's output is kept under ``out`` and reused when the experiment
 is started again, so a long run that stops resumes where it stopped. Results go to
-``out/results.json`` and ``out/results.md`` (the table in the README).
+``out/results.json``, ``out/results.md`` (the table in the README) and ``out/pareto.png`` (each
+arm's STS change against its perplexity ratio, with the gate).
 """
 
 from __future__ import annotations
@@ -19,15 +20,19 @@ from typing import Any
 import yaml
 
 from sempa_train.assessment import GateError, assess
+from sempa_train.checkpoints import NoPassingCheckpointError
 from sempa_train.evaluation import delta_intervals, predictions_path
 from sempa_train.io import code_version, now_iso, read_json, write_json, write_text
 from sempa_train.prepare import prepare
 from sempa_train.ranking import rank
+from sempa_train.report import plot_pareto
 from sempa_train.sampling import sample_candidates
 from sempa_train.train import train_dpo
 from sempa_train.workflow import SECTIONS, RunConfig
 
 log = logging.getLogger(__name__)
+
+FAILED = "train_failed.json"  # in an arm's folder: training found no checkpoint within the selection gate
 
 
 def load_experiment(path: Path) -> tuple[str, Path, RunConfig, dict[str, RunConfig]]:
@@ -53,11 +58,14 @@ def load_experiment(path: Path) -> tuple[str, Path, RunConfig, dict[str, RunConf
 
 
 def _timed(label: str, timings: dict[str, float], fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, its seconds recorded under ``label`` even when it raises (a failed gate still
+    took the evaluation's time)."""
     start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    timings[label] = round(time.perf_counter() - start, 1)
-    log.info("experiment: %s took %.0fs", label, timings[label])
-    return result
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        timings[label] = round(time.perf_counter() - start, 1)
+        log.info("experiment: %s took %.0fs", label, timings[label])
 
 
 def run_experiment(path: Path, *, run: bool = True) -> dict[str, Any]:
@@ -85,8 +93,15 @@ def run_experiment(path: Path, *, run: bool = True) -> dict[str, Any]:
         if not (arm_dir / "preferences").exists():
             _timed(f"{arm}: rank", timings, rank, cfg.rank, arm_dir / "preferences", triples=data / "triples",
                    candidates=candidates if cfg.rank.strategy != "gold" else None)
+        if (arm_dir / FAILED).is_file():  # no checkpoint passed the selection gate in an earlier invocation
+            continue
         if not (arm_dir / "model").exists():
-            _timed(f"{arm}: train", timings, train_dpo, cfg.train, arm_dir / "preferences", arm_dir / "model")
+            try:
+                _timed(f"{arm}: train", timings, train_dpo, cfg.train, arm_dir / "preferences", arm_dir / "model")
+            except NoPassingCheckpointError as e:  # recorded; the other arms still run
+                log.warning("experiment: %s: %s", arm, e)
+                write_json(arm_dir / FAILED, {"error": str(e)})
+                continue
         if not _evaluated(out, arm):
             try:
                 _timed(f"{arm}: evaluate", timings, assess, cfg.train.model, arm_dir / "model" / "adapter",
@@ -110,10 +125,15 @@ def _write_results(name: str, out: Path, base: RunConfig, arms: dict[str, RunCon
         "wall_seconds_this_invocation": round(seconds, 1), "timings": timings,
         "config": base.to_dict(), "arms": {arm: cfg.to_dict() for arm, cfg in arms.items()},
         "rows": {arm: _row(arm, read_json(_eval_dir(out, arm) / "summary.json"), out) for arm in done},
-        "missing": [arm for arm in arms if arm not in done],
+        "missing": [arm for arm in arms if arm not in done and not (out / arm / FAILED).is_file()],
+        "failed": {arm: read_json(out / arm / FAILED)["error"] for arm in arms if (out / arm / FAILED).is_file()},
     }
     write_json(out / "results.json", results)
-    write_text(out / "results.md", results_table(results))
+    table = results_table(results)
+    task = next(iter(results["rows"]["baseline"]["sts"]))
+    if plot_pareto(results["rows"], task, base.gates.max_perplexity_ratio, out / "pareto.png"):
+        table += f"\n![Δ {task} against perplexity ratio, per arm](pareto.png)\n"
+    write_text(out / "results.md", table)
     return results
 
 
@@ -152,6 +172,8 @@ def _row(arm: str, summary: dict[str, Any], out: Path) -> dict[str, Any]:
         row.update(pairs=prefs["rows"], steps=metrics.get("global_steps"),
                    train_seconds=metrics.get("train_runtime"),
                    reward_accuracy=metrics.get("final_rewards_accuracies"))
+        if "selected_step" in metrics:  # checkpoint selection: the step (and LoRA scale) the adapter is from
+            row["selected"] = f"{metrics['selected_step']} x{metrics['selected_scale']:g}"
     return row
 
 
@@ -161,7 +183,7 @@ def results_table(results: dict[str, Any]) -> str:
     rows = results["rows"]
     tasks = list(next(iter(rows.values()))["sts"])
     header = ["arm", *tasks, f"Δ {tasks[0]} (95% CI)", "STS avg", "Δ avg", "perplexity", "ppl ratio",
-              "paraphrase sim", "copy rate", "gates", "pairs", "steps", "train s"]
+              "paraphrase sim", "copy rate", "gates", "pairs", "steps", "selected", "train s"]
     base_avg = rows["baseline"]["sts_avg"]
 
     def fmt(value: Any, spec: str = ".2f") -> str:
@@ -178,8 +200,11 @@ def results_table(results: dict[str, Any]) -> str:
         cells = [arm, *[fmt(r["sts"][t]) for t in tasks], delta, fmt(r["sts_avg"]),
                  "" if arm == "baseline" else f"{r['sts_avg'] - base_avg:+.2f}", fmt(r["perplexity"], ".1f"),
                  fmt(r["perplexity_ratio"], ".3f"), fmt(r["paraphrase_similarity"], ".3f"), fmt(r["copy_rate"], ".2f"),
-                 r["gates"], str(r.get("pairs", "")), str(r.get("steps", "")), fmt(r.get("train_seconds"), ".0f")]
+                 r["gates"], str(r.get("pairs", "")), str(r.get("steps", "")), r.get("selected", ""),
+                 fmt(r.get("train_seconds"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     if results.get("missing"):
         lines.append(f"\nNot evaluated yet: {', '.join(results['missing'])}.")
+    for arm, error in results.get("failed", {}).items():
+        lines.append(f"\n{arm}: {error}")
     return "\n".join(lines) + "\n"

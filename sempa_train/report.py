@@ -7,7 +7,7 @@ Reads ``DIR/summary.json`` (written by the evaluation stage) and the files it po
 * ``stsb_scatter.png`` — predicted cosine against gold score on STS-B (base and tuned);
 * ``training.png`` — DPO reward margin, reward accuracy and the chosen/rejected log-prob change against the
   reference per logged step (when a train log is known);
-* ``checkpoints.png`` — probed STS-B dev subset and perplexity ratio against steps, the gate and the
+* ``checkpoints.png`` — probed STS-B subset and perplexity ratio against steps, the gate and the
   selected checkpoint (when training probed checkpoints: ``checkpoints.jsonl`` beside the train log);
 * ``scores.png`` — chosen and rejected score distributions of the training data (when scored).
 """
@@ -104,7 +104,7 @@ def plot_training(log_file: Path, path: Path) -> bool:
 
 
 def plot_checkpoints(probes_file: Path, path: Path) -> bool:
-    """STS-B dev subset and perplexity ratio of every probed step (scale 1), and each probed scale of the chosen
+    """STS-B probe and perplexity ratio of every probed step (scale 1), and each probed scale of the chosen
     step, with the selection gate; the model's ``metrics.json`` names the selected step and scale."""
     rows = [json.loads(line) for line in probes_file.read_text().splitlines() if line.strip()]
     steps = sorted((r for r in rows if r["scale"] == 1.0), key=lambda r: r["step"])
@@ -113,18 +113,19 @@ def plot_checkpoints(probes_file: Path, path: Path) -> bool:
     metrics_file = probes_file.with_name("metrics.json")
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     config_file = probes_file.with_name("config.json")
-    gate = json.loads(config_file.read_text()).get("select_max_perplexity_ratio") if config_file.is_file() else None
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    gate, split = config.get("select_max_perplexity_ratio"), config.get("eval_sts_split", "dev")
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
     x = [r["step"] for r in steps]
-    left.plot(x, [r["sts_spearman"] for r in steps], marker="o", label="STS-B dev subset")
+    left.plot(x, [r["sts_spearman"] for r in steps], marker="o", label="STS-B probe")
     right.plot(x, [r["perplexity_ratio"] for r in steps], marker="o", color="tab:red", label="perplexity ratio")
     if gate is not None:
         right.axhline(gate, color="tab:red", ls="--", lw=0.8, label=f"gate {gate}")
     if "selected_step" in metrics:
         for ax in (left, right):
             ax.axvline(metrics["selected_step"], color="grey", ls=":", lw=1, label="selected step")
-    left.set_title("STS-B dev subset (Spearman x 100)")
+    left.set_title(f"STS-B {split} subset (Spearman x 100)")
     right.set_title("held-out perplexity / base")
     for ax in (left, right):
         ax.set_xlabel("step")
@@ -134,6 +135,35 @@ def plot_checkpoints(probes_file: Path, path: Path) -> bool:
         left.annotate(f"x{r['scale']:g}", (r["step"], r["sts_spearman"]), fontsize=7)
         right.plot([r["step"]], [r["perplexity_ratio"]], "k.")
         right.annotate(f"x{r['scale']:g}", (r["step"], r["perplexity_ratio"]), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_pareto(rows: dict[str, dict[str, Any]], task: str, gate: float | None, path: Path) -> bool:
+    """Each arm's change of ``task`` Spearman against its perplexity ratio, the baseline at (1, 0), the gate as a
+    vertical line: the arms up and to the left of the gate are the ones worth having."""
+    arms = {arm: r for arm, r in rows.items() if arm != "baseline" and r.get("perplexity_ratio") is not None}
+    if not arms or task not in rows.get("baseline", {}).get("sts", {}):
+        return False
+    base = rows["baseline"]["sts"][task]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.scatter([1.0], [0.0], color="grey", marker="s", label="baseline")
+    for arm, r in arms.items():
+        delta = r["sts"][task] - base
+        ax.scatter([r["perplexity_ratio"]], [delta], color="tab:blue")
+        if task in r.get("sts_delta_ci", {}):
+            low, high = r["sts_delta_ci"][task]
+            ax.plot([r["perplexity_ratio"]] * 2, [low, high], color="tab:blue", lw=0.8)
+        ax.annotate(arm, (r["perplexity_ratio"], delta), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if gate is not None:
+        ax.axvline(gate, color="tab:red", ls="--", lw=0.8, label=f"perplexity gate {gate}")
+    ax.axhline(0.0, color="grey", lw=0.6)
+    ax.set_xlabel("perplexity ratio on held-out text (tuned / base)")
+    ax.set_ylabel(f"Δ {task} Spearman x 100 (95% CI)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -148,6 +148,7 @@ class TransformersBackend:
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self._newlines: set[int] | None = None
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], seeds: list[int], cfg: SampleConfig) -> list[list[Generation]]:
@@ -164,17 +165,26 @@ class TransformersBackend:
         width = input_ids.size(1)
         sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.temperature > 0 \
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        if cfg.stop_at_newline:
+            sampling.update(stop_strings=["\n"], tokenizer=self.tokenizer)
         sequences = self.model.generate(
             input_ids=input_ids, attention_mask=mask, max_new_tokens=cfg.max_tokens, num_return_sequences=cfg.n,
             pad_token_id=pad, eos_token_id=eos, **sampling,
         )[:, width:].tolist()
+        stops = {eos} | (self._newline_tokens() if cfg.stop_at_newline else set())
         results = []
         for row in sequences:
-            finished = eos in row
-            tokens = row[: row.index(eos) + 1] if finished else row
+            end = next((i for i, token in enumerate(row) if token in stops), None)
+            tokens = row if end is None else row[: end + 1]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            results.append(Generation(text, len(tokens), "stop" if finished else "length"))
+            results.append(Generation(text, len(tokens), "length" if end is None else "stop"))
         return [results[i : i + cfg.n] for i in range(0, len(results), cfg.n)]
+
+    def _newline_tokens(self) -> set[int]:
+        """Ids of the vocabulary's tokens whose text holds a newline (where ``stop_at_newline`` ends a candidate)."""
+        if self._newlines is None:
+            self._newlines = {i for i in range(len(self.tokenizer)) if "\n" in self.tokenizer.decode([i])}
+        return self._newlines
 
 
 class VLLMBackend:
@@ -188,8 +198,9 @@ class VLLMBackend:
     def generate(self, prompts: list[list[int]], seeds: list[int], cfg: SampleConfig) -> list[list[Generation]]:
         from vllm import SamplingParams
 
+        stop = ["\n"] if cfg.stop_at_newline else None
         params = [SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                                 seed=seed) for seed in seeds]
+                                 seed=seed, stop=stop) for seed in seeds]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [[Generation(c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop")
                  for c in o.outputs] for o in outputs]
@@ -219,10 +230,12 @@ def choose_backend(name: str) -> tuple[str, str]:
     measured on each kind of machine (README, "Candidate sampling throughput"):
 
     * a CUDA GPU: vLLM;
-    * a CPU without AVX-512 (AVX2 only): transformers — vLLM-CPU took 2.9x as long there;
-    * a CPU where other processes keep a core or more busy: transformers — vLLM-CPU pins one OpenMP thread to
-      each core and every step waits for the thread that shares its core;
-    * a quiet CPU with AVX-512: vLLM (2.5-2.7x the candidates/s of transformers on 2 Zen 4 cores).
+    * a CPU with AVX-512: vLLM — 2.4x the candidates/s of transformers on 2 quiet Zen 4 cores, and 3.7x with
+      another process keeping one core busy (both backends slow down then, transformers more);
+    * a CPU without AVX-512 (AVX2 only): transformers — vLLM-CPU took 2.9x as long there, quiet, and far longer
+      beside a busy process.
+
+    The reason names the load other processes put on the cores, measured over half a second.
     """
     installed = vllm_available()
     if name == "vllm" and not installed:
@@ -234,16 +247,10 @@ def choose_backend(name: str) -> tuple[str, str]:
         return "transformers", "vLLM is not installed"
     if torch.cuda.is_available():
         return "vllm", "CUDA GPU"
+    load = f"other processes keep {busy_cores():.1f} cores busy"
     if not cpu_has_avx512():
-        return "transformers", "CPU without AVX-512, where vLLM-CPU is slower than transformers"
-    busy = busy_cores()
-    if busy >= BUSY_CORES_LIMIT:
-        return "transformers", (f"other processes keep {busy:.1f} cores busy, which slows vLLM-CPU's pinned "
-                                "threads more than transformers")
-    return "vllm", f"CPU with AVX-512 and {busy:.1f} cores busy with other work"
-
-
-BUSY_CORES_LIMIT = 0.7
+        return "transformers", f"CPU without AVX-512, where vLLM-CPU is slower than transformers; {load}"
+    return "vllm", f"CPU with AVX-512, where vLLM-CPU is faster than transformers; {load}"
 
 
 def busy_cores(interval: float = 0.5) -> float:

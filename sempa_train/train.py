@@ -153,7 +153,8 @@ def _checkpoint_probe(cfg: TrainConfig, tokenizer: Any, checkpoint_dir: Path, bf
         return None
     if processes > 1:
         raise ValueError("eval_every (checkpoint selection) runs in a single process; launch without accelerate")
-    probes = Probes.load(cfg.eval_senteval_dir, cfg.eval_sts_pairs, cfg.eval_text_file, cfg.eval_texts, cfg.seed)
+    probes = Probes.load(cfg.eval_senteval_dir, cfg.eval_sts_pairs, cfg.eval_text_file, cfg.eval_texts, cfg.seed,
+                         cfg.eval_sts_split)
     return CheckpointProbe(tokenizer, probes, cfg.eval_every, checkpoint_dir, bf16=bf16)
 
 
@@ -223,7 +224,7 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
             metrics.update(selected_step=chosen.step, selected_scale=chosen.scale,
                            selected_sts_spearman=chosen.sts_spearman,
                            selected_perplexity_ratio=chosen.perplexity_ratio)
-            log.info("train: selected step %d at scale %.2f (STS-B dev subset %.2f, perplexity ratio %.3f)",
+            log.info("train: selected step %d at scale %.2f (STS-B probe %.2f, perplexity ratio %.3f)",
                      chosen.step, chosen.scale, chosen.sts_spearman, chosen.perplexity_ratio)
         if state.is_main_process:
             tokenizer.save_pretrained(tmp / "adapter")

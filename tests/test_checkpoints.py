@@ -48,7 +48,7 @@ def trained(tiny_model_dir, sample_prefs, tmp_path_factory):
     text.write_text("A man is playing a guitar.\nThe children are in the garden.\nA woman reads a book.\n")
     cfg = TrainConfig(model=str(tiny_model_dir), max_steps=3, batch_size=4, learning_rate=5e-2, bf16=False,
                       eval_every=2, eval_senteval_dir=str(senteval), eval_text_file=str(text), eval_texts=3,
-                      select_max_perplexity_ratio=None, select_scales=(0.0, 0.5))
+                      select_max_perplexity_ratio=None, select_scales=(0.0, 0.5), save_merged=True)
     return cfg, train_dpo(cfg, sample_prefs, root / "model")
 
 
@@ -85,6 +85,8 @@ def test_adapter_scaling_at_one_is_the_adapter_and_at_zero_the_base_model(tiny_m
     embed = EmbedConfig(dtype="float32")
     base = load_encoder(tiny_model_dir, embed, show_progress=False).encode(SENTENCES)
     tuned = load_encoder(tiny_model_dir, embed, adapter=result.adapter_dir, show_progress=False).encode(SENTENCES)
+    merged = load_encoder(result.out_dir / "merged", embed, show_progress=False).encode(SENTENCES)
+    np.testing.assert_allclose(merged, tuned, rtol=1e-4, atol=1e-4)  # the merged model is the chosen adapter
     for scale, expected in ((1.0, tuned), (0.0, base)):
         scaled = tmp_path / f"x{scale}"
         shutil.copytree(result.adapter_dir, scaled)

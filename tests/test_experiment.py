@@ -37,6 +37,7 @@ strategies:
     low, high = results["rows"]["gold"]["sts_delta_ci"]["STSBenchmark"]
     assert low <= high and f"[{low:+.2f}, {high:+.2f}]" in table
     assert "| sampled |" in capsys.readouterr().out
+    assert (out / "pareto.png").stat().st_size > 0 and "(pareto.png)" in table
 
     stamp = (out / "gold" / "model" / "manifest.json").stat().st_mtime_ns
     assert main(["experiment", str(config)]) == 0  # resumes: nothing is retrained
@@ -50,3 +51,43 @@ strategies:
     assert list(partial["rows"]) == ["baseline", "gold"] and partial["missing"] == ["sampled"]
     assert not (out / "sampled" / "eval").exists()  # nothing was run
     assert "Not evaluated yet: sampled." in (out / "results.md").read_text()
+
+
+def test_arm_without_a_passing_checkpoint_is_recorded_and_skipped(tmp_path, tiny_model_dir):
+    senteval = make_senteval(tmp_path / "senteval")
+    config = tmp_path / "exp.yaml"
+    out = tmp_path / "exp"
+    config.write_text(f"""
+out: {out}
+model: {tiny_model_dir}
+prepare: {{source: {SAMPLE_NLI}, max_premises: 8}}
+rank: {{strategy: gold}}
+train: {{max_steps: 2, batch_size: 2, eval_every: 1, eval_senteval_dir: {senteval}, eval_texts: 3,
+         select_max_perplexity_ratio: 1.0e-6}}
+eval: {{senteval_dir: {senteval}, tasks: [STSBenchmark], split: dev}}
+embed: {{dtype: float32}}
+strategies:
+  strict: {{}}
+""")
+    assert main(["experiment", str(config)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["rows"]) == ["baseline"] and results["missing"] == []
+    assert "no checkpoint passed the gate" in results["failed"]["strict"]
+    assert "strict: no checkpoint passed the gate" in (out / "results.md").read_text()
+    assert main(["experiment", str(config)]) == 0  # resumed: the failed arm is not trained again
+    assert json.loads((out / "results.json").read_text())["timings"] == {}
+
+
+def test_a_step_that_raises_is_still_timed():
+    import pytest
+
+    from sempa_train.assessment import GateError
+    from sempa_train.experiment import _timed
+
+    def failing_gate() -> None:
+        raise GateError("quality gate failed")
+
+    timings: dict[str, float] = {}
+    with pytest.raises(GateError):
+        _timed("gold: evaluate", timings, failing_gate)
+    assert list(timings) == ["gold: evaluate"] and timings["gold: evaluate"] >= 0

@@ -201,3 +201,62 @@ def test_kill_9_midway_then_resume(tiny_model_dir, tiny_triples, tmp_path):
     reference = pl.read_parquet(uninterrupted.out_dir / "data.parquet")
     assert table["premise_id"].to_list() == reference["premise_id"].to_list()
     assert table.equals(reference)
+
+
+def test_auto_backend_follows_the_measurements(monkeypatch):
+    import sempa_train.sampling as sampling
+
+    monkeypatch.setattr(sampling, "vllm_available", lambda: True)
+    monkeypatch.setattr(sampling.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sampling, "busy_cores", lambda: 1.0)
+    monkeypatch.setattr(sampling, "cpu_has_avx512", lambda: True)
+    backend, reason = sampling.choose_backend("auto")
+    assert backend == "vllm" and "CPU with AVX-512" in reason and "1.0 cores busy" in reason
+    monkeypatch.setattr(sampling, "cpu_has_avx512", lambda: False)
+    backend, reason = sampling.choose_backend("auto")
+    assert backend == "transformers" and reason.startswith("CPU without AVX-512")
+    assert sampling.choose_backend("vllm") == ("vllm", "asked for")  # an explicit choice is kept
+    monkeypatch.setattr(sampling.torch.cuda, "is_available", lambda: True)
+    assert sampling.choose_backend("auto") == ("vllm", "CUDA GPU")
+    monkeypatch.setattr(sampling, "vllm_available", lambda: False)
+    assert sampling.choose_backend("auto") == ("transformers", "vLLM is not installed")
+    with pytest.raises(RuntimeError, match="vLLM is not installed"):
+        sampling.choose_backend("vllm")
+
+
+def test_busy_cores_sees_another_process():
+    import subprocess
+    import sys
+
+    from sempa_train.sampling import busy_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert busy_cores(interval=1.0) > 0.5
+    finally:
+        spinner.kill()
+
+
+def test_stop_at_newline_ends_candidates_at_their_first_line(tiny_model_dir, monkeypatch):
+    import torch
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    cfg = cfg_for(tiny_model_dir, n=1, max_tokens=6)
+    backend = build_backend(cfg, tiny_model_dir, "transformers")
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+    words = tokenizer(" a dog runs fast", add_special_tokens=False)["input_ids"][:4]
+    answer = [words[0], words[1], newline, words[2], words[3], words[0]]  # hits max_tokens without a stop
+    calls = []
+
+    def fake_generate(input_ids, **kwargs):  # the model as it would sample: a line, then more text
+        calls.append(kwargs)
+        return torch.cat([input_ids, torch.tensor([answer] * len(input_ids))], dim=1)
+
+    monkeypatch.setattr(backend.model, "generate", fake_generate)
+    prompt = tokenizer(["Say it.\n"], add_special_tokens=False)["input_ids"]
+    free = backend.generate(prompt, [0], cfg)[0][0]
+    assert (free.completion_tokens, free.finish_reason) == (6, "length") and "\n" in free.text.strip()
+    stopped = backend.generate(prompt, [0], cfg.replace(stop_at_newline=True))[0][0]
+    assert (stopped.completion_tokens, stopped.finish_reason) == (3, "stop")
+    assert stopped.text == tokenizer.decode(answer[:3], skip_special_tokens=True)
+    assert "stop_strings" not in calls[0] and calls[1]["stop_strings"] == ["\n"]  # transformers stops early too
