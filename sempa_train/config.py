@@ -262,7 +262,7 @@ class TrainConfig(StageConfig):
     logging_steps: int = option(1, "log every N steps")
     eval_every: int = option(0, "probe the policy every N steps (STS-B subset + held-out perplexity) and keep the "
                              "best step within select_max_perplexity_ratio as the adapter (0: off, keep the last)")
-    eval_senteval_dir: str | None = option(None, "SentEval data folder of the in-training STS-B dev probe")
+    eval_senteval_dir: str | None = option(None, "SentEval data folder of the in-training STS-B probe")
     eval_sts_split: str = option("train", "STS-B split of the probe; train keeps the dev scores you report free of "
                                  "the selection's bias", choices=("train", "dev"))
     eval_sts_pairs: int = option(500, "STS-B pairs in the probe (a subset seeded with seed)")
@@ -271,8 +271,8 @@ class TrainConfig(StageConfig):
     eval_texts: int = option(100, "held-out texts in the perplexity probe")
     select_max_perplexity_ratio: float | None = option(
         1.05, "checkpoint selection gate: probed perplexity / base perplexity at most this (None: no gate)")
-    select_scales: tuple[float, ...] = option((), "after picking a step, also probe its LoRA update scaled by these "
-                                              "factors (e.g. 0.25,0.5,0.75) and keep the best passing one")
+    select_scales: tuple[float, ...] = option((), "after training, also probe the best-STS step's LoRA update scaled "
+                                              "by these factors (e.g. 0.25,0.5,0.75); the best passing probe wins")
     seed: int = option(0, "training seed")
     save_merged: bool = option(False, "also save base+adapter merged into a plain model folder")
 
@@ -303,7 +303,7 @@ class TrainConfig(StageConfig):
         _check_positive("eval_every", self.eval_every, allow_zero=True)
         _check_choice("eval_sts_split", self.eval_sts_split, ("train", "dev"))
         if self.eval_every and not self.eval_senteval_dir:
-            raise ValueError("eval_every needs eval_senteval_dir (the SentEval folder with STS-B dev)")
+            raise ValueError("eval_every needs eval_senteval_dir (the SentEval folder with STS-B)")
         for name in ("eval_sts_pairs", "eval_texts"):
             _check_positive(name, getattr(self, name))
         if any(not 0 <= s <= 2 for s in self.select_scales):

@@ -104,7 +104,7 @@ def plot_training(log_file: Path, path: Path) -> bool:
 
 
 def plot_checkpoints(probes_file: Path, path: Path) -> bool:
-    """STS-B probe and perplexity ratio of every probed step (scale 1), and each probed scale of the chosen
+    """STS-B probe and perplexity ratio of every probed step (scale 1), and each probed scale of the best-STS
     step, with the selection gate; the model's ``metrics.json`` names the selected step and scale."""
     rows = [json.loads(line) for line in probes_file.read_text().splitlines() if line.strip()]
     steps = sorted((r for r in rows if r["scale"] == 1.0), key=lambda r: r["step"])
