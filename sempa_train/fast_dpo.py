@@ -39,6 +39,7 @@ import torch
 from trl import DPOTrainer
 
 from sempa_train.io import write_parquet
+from sempa_train.result_cache import result_key
 
 log = logging.getLogger(__name__)
 
@@ -266,12 +267,11 @@ class SharedPromptDPOTrainer(DPOTrainer):
 
     def _ref_cache_key(self, dataset: Any) -> str:
         """Hash of what the reference log-probs depend on: model weights, tokens, truncation, precision, forward."""
-        digest = hashlib.sha256()
-        digest.update(json.dumps({
-            "model": self._precompute_model_hash, "max_length": self.args.max_length,
+        tokens = hashlib.sha256()
+        for row in dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]):
+            tokens.update(json.dumps(row).encode())
+        return result_key("ref_logps", {
+            "model": self._precompute_model_hash, "tokens": tokens.hexdigest(), "max_length": self.args.max_length,
             "truncation_mode": self.args.truncation_mode, "bf16": self.args.bf16, "fp16": self.args.fp16,
             "ld_alpha": self.ld_alpha, "share_prompt": self.share_prompt,
-        }, sort_keys=True).encode())
-        for row in dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]):
-            digest.update(json.dumps(row).encode())
-        return digest.hexdigest()[:32]
+        })

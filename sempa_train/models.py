@@ -14,6 +14,7 @@ Anything else is a local folder or, when online (or cached), a Hugging Face Hub 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -197,14 +198,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def cpu_flags() -> set[str]:
-    """The instruction-set flags of this machine's CPU (empty where /proc/cpuinfo is not readable)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this machine's CPU (empty where /proc/cpuinfo is not readable); read once."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+    return frozenset(line.partition(":")[2].split())
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -12,15 +12,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from sempa_train.io import atomic_dir, file_sha256
 from sempa_train.models import cache_dir, resolve_model
-
-log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "config.json")
 
@@ -49,15 +46,19 @@ def result_key(kind: str, parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def _entry(kind: str, key: str) -> Path:
+    return cache_dir() / "results" / kind / key
+
+
 def lookup(kind: str, key: str) -> Path | None:
     """The folder of a complete cache entry, or None."""
-    entry = cache_dir() / "results" / kind / key
+    entry = _entry(kind, key)
     return entry if entry.is_dir() else None
 
 
 def store(kind: str, key: str, write: Callable[[Path], None]) -> None:
     """Create the entry ``kind/key`` with ``write(folder)``, atomically; an existing entry is kept."""
-    entry = cache_dir() / "results" / kind / key
+    entry = _entry(kind, key)
     if entry.exists():
         return
     try:
