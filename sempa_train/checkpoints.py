@@ -4,23 +4,26 @@ DPO on a small model trades embedding quality against generation: STS rises for 
 perplexity on unseen text climbs. Rather than fixing the number of steps, ``train_dpo`` can probe the
 policy every ``eval_every`` steps on a fixed, seeded subset of STS-B pairs (PromptEOL Spearman; the train
 split by default, so that the dev scores reported afterwards are not the ones the selection maximised) and
-on held-out text (perplexity), keep each probed adapter, and pick the best STS among the checkpoints
-whose perplexity ratio passes the gate. After training it can also scale the LoRA update of the
-best-STS step (``B ← s·B``, so the weight change is ``s`` times the trained one) at a few scales,
-which costs no training and maps the trade-off between the base model (``s = 0``) and the trained
-adapter (``s = 1``); the scaled probes compete with the steps for the choice.
+on held-out text (perplexity and, with ``paraphrases``, the similarity of greedy paraphrases to their
+sources), keep each probed adapter, and pick the best STS among the checkpoints that pass both gates
+(perplexity ratio, paraphrase-similarity change against the base model). After training it can also
+scale the LoRA update of the best-STS step (``B ← s·B``, so the weight change is ``s`` times the
+trained one) at a few scales, which costs no training and maps the trade-off between the base model
+(``s = 0``) and the trained adapter (``s = 1``); the scaled probes compete with the steps for the choice.
 
 Every probe is a row of ``checkpoints.jsonl`` in the model folder:
-``{"step", "scale", "sts_spearman", "perplexity", "perplexity_ratio", "passed"}``; step 0 is the base model.
+``{"step", "scale", "sts_spearman", "perplexity", "paraphrase_similarity", "perplexity_ratio",
+"paraphrase_delta", "passed"}``; step 0 is the base model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,7 @@ from transformers import TrainerCallback
 
 from sempa_train.embedding import PromptEOLEncoder, cosine
 from sempa_train.evaluation import spearman100
-from sempa_train.retention import held_out_texts, perplexity
+from sempa_train.retention import held_out_texts, paraphrase_probe, perplexity
 from sempa_train.sts_data import STSSubset, load_senteval_task
 
 log = logging.getLogger(__name__)
@@ -46,17 +49,21 @@ class Probes:
 
     sts: STSSubset
     texts: list[str]
+    paraphrases: int = 0  # the first N texts are also paraphrased greedily (0: no paraphrase probe)
+    chat: bool = True
 
     @classmethod
     def load(cls, senteval_dir: str | Path, pairs: int, text_file: str | Path, texts: int, seed: int = 0,
-             split: str = "train") -> Probes:
-        """A seeded subset of ``pairs`` STS-B pairs of ``split`` and the first ``texts`` held-out texts."""
+             split: str = "train", paraphrases: int = 0, chat: bool = True) -> Probes:
+        """A seeded subset of ``pairs`` STS-B pairs of ``split`` and the first ``texts`` held-out texts (of which
+        the first ``paraphrases`` are paraphrased at each probe)."""
         dev = load_senteval_task(Path(senteval_dir), "STSBenchmark", split)[0]
         rng = np.random.default_rng(seed)
         idx = np.sort(rng.choice(len(dev), size=min(pairs, len(dev)), replace=False))
         subset = STSSubset(task=dev.task, name=dev.name, split=dev.split, sent1=[dev.sent1[i] for i in idx],
                            sent2=[dev.sent2[i] for i in idx], scores=dev.scores[idx])
-        return cls(sts=subset, texts=held_out_texts(text_file, texts))
+        return cls(sts=subset, texts=held_out_texts(text_file, max(texts, paraphrases)), paraphrases=paraphrases,
+                   chat=chat)
 
 
 @dataclass(frozen=True)
@@ -65,13 +72,25 @@ class ProbeResult:
     scale: float
     sts_spearman: float
     perplexity: float
+    paraphrase_similarity: float | None = None
     perplexity_ratio: float = 1.0
+    paraphrase_delta: float | None = None
     passed: bool = True
 
 
+@functools.cache
+def _similarity_encoder() -> Any:
+    """The sentence encoder that scores paraphrases (the one retention uses), loaded once per process."""
+    from sempa_train.assessment import RETENTION_ENCODER
+    from sempa_train.embedding import load_encoder
+
+    return load_encoder(RETENTION_ENCODER, show_progress=False)
+
+
 @torch.no_grad()
-def probe(model: Any, tokenizer: Any, probes: Probes, *, bf16: bool = False) -> tuple[float, float]:
-    """``(STS-B subset Spearman x 100, held-out perplexity)`` of a causal LM as it is now (adapter active)."""
+def probe(model: Any, tokenizer: Any, probes: Probes, *, bf16: bool = False) -> tuple[float, float, float | None]:
+    """``(STS-B subset Spearman x 100, held-out perplexity, greedy-paraphrase similarity or None)`` of a causal LM
+    as it is now (adapter active)."""
     was_training = model.training
     model.eval()
     autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -82,9 +101,16 @@ def probe(model: Any, tokenizer: Any, probes: Probes, *, bf16: bool = False) -> 
             n = len(probes.sts)
             sts = spearman100(cosine(vectors[:n], vectors[n:]), probes.sts.scores)
             ppl = perplexity(model, tokenizer, probes.texts)
+            similarity = None
+            if probes.paraphrases:
+                from sempa_train.sampling import TransformersBackend
+
+                similarity = paraphrase_probe(TransformersBackend(model, tokenizer), tokenizer,
+                                              probes.texts[: probes.paraphrases], _similarity_encoder(),
+                                              chat=probes.chat)["similarity_mean"]
     finally:
         model.train(was_training)
-    return sts, ppl
+    return sts, ppl, similarity
 
 
 def lora_b_weights(model: Any) -> list[torch.nn.Parameter]:
@@ -117,28 +143,48 @@ def scale_adapter_file(adapter_dir: Path, scale: float) -> None:
     save_file({k: v * scale if "lora_B" in k else v for k, v in weights.items()}, path, metadata={"format": "pt"})
 
 
-def judge(results: Sequence[ProbeResult], max_perplexity_ratio: float | None) -> list[ProbeResult]:
-    """The results with ``perplexity_ratio`` against step 0 (the base model) and ``passed`` filled in."""
+@dataclass(frozen=True)
+class SelectionGate:
+    """What a probed checkpoint must keep of the base model's generation (None: that gate is off)."""
+
+    max_perplexity_ratio: float | None = None
+    min_paraphrase_delta: float | None = None
+
+    def __str__(self) -> str:
+        parts = [f"perplexity_ratio <= {self.max_perplexity_ratio}" if self.max_perplexity_ratio is not None else "",
+                 f"paraphrase_delta >= {self.min_paraphrase_delta:+}" if self.min_paraphrase_delta is not None else ""]
+        return " and ".join(p for p in parts if p) or "no gate"
+
+
+def judge(results: Sequence[ProbeResult], gate: SelectionGate) -> list[ProbeResult]:
+    """The results with ``perplexity_ratio`` and ``paraphrase_delta`` against step 0 (the base model) and
+    ``passed`` filled in."""
     base = next(r for r in results if r.step == 0)
     out = []
     for r in results:
         ratio = r.perplexity / base.perplexity
-        passed = max_perplexity_ratio is None or ratio <= max_perplexity_ratio
-        out.append(ProbeResult(r.step, r.scale, r.sts_spearman, r.perplexity, ratio, passed))
+        delta = None if r.paraphrase_similarity is None or base.paraphrase_similarity is None \
+            else r.paraphrase_similarity - base.paraphrase_similarity
+        passed = (gate.max_perplexity_ratio is None or ratio <= gate.max_perplexity_ratio) and (
+            gate.min_paraphrase_delta is None or delta is None or delta >= gate.min_paraphrase_delta)
+        out.append(replace(r, perplexity_ratio=ratio, paraphrase_delta=delta, passed=passed))
     return out
 
 
-def select(results: Sequence[ProbeResult], max_perplexity_ratio: float | None) -> ProbeResult:
-    """The trained checkpoint with the best STS among those within the perplexity gate."""
+def select(results: Sequence[ProbeResult], gate: SelectionGate) -> ProbeResult:
+    """The trained checkpoint with the best STS among those that pass ``gate``."""
     candidates = [r for r in results if r.step > 0 and r.passed]
     if not candidates:
-        worst = min((r for r in results if r.step > 0), key=lambda r: r.perplexity_ratio, default=None)
-        detail = f"; the lowest ratio was {worst.perplexity_ratio:.3f} at step {worst.step}, scale {worst.scale}" \
-            if worst else ""
+        tried = [r for r in results if r.step > 0]
+        closest = min(tried, key=lambda r: r.perplexity_ratio, default=None)
+        detail = "" if closest is None else (
+            f"; the lowest perplexity ratio was {closest.perplexity_ratio:.3f} at step {closest.step}, scale "
+            f"{closest.scale}" + ("" if closest.paraphrase_delta is None
+                                  else f" (paraphrase similarity {closest.paraphrase_delta:+.3f})"))
         raise NoPassingCheckpointError(
-            f"no checkpoint passed the gate perplexity_ratio <= {max_perplexity_ratio}{detail}: lower the learning "
-            "rate, probe earlier steps (eval_every), add scales below 1 (select_scales), or loosen "
-            "select_max_perplexity_ratio")
+            f"no checkpoint passed the gate {gate}{detail}: lower the learning rate, probe earlier steps "
+            "(eval_every), add scales below 1 (select_scales), or loosen select_max_perplexity_ratio / "
+            "select_min_paraphrase_delta")
     return max(candidates, key=lambda r: (r.sts_spearman, -r.step, r.scale))
 
 
@@ -156,9 +202,10 @@ class CheckpointProbe(TrainerCallback):
 
     def _probe(self, model: Any, step: int) -> None:
         base = model.get_base_model()
-        sts, ppl = probe(base, self.tokenizer, self.probes, bf16=self.bf16)
-        self.results.append(ProbeResult(step, 1.0, sts, ppl))
-        log.info("train: step %d: STS-B probe %.2f, held-out perplexity %.2f", step, sts, ppl)
+        sts, ppl, para = probe(base, self.tokenizer, self.probes, bf16=self.bf16)
+        self.results.append(ProbeResult(step, 1.0, sts, ppl, para))
+        log.info("train: step %d: STS-B probe %.2f, held-out perplexity %.2f%s", step, sts, ppl,
+                 "" if para is None else f", paraphrase similarity {para:.3f}")
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         with model.disable_adapter():
@@ -176,12 +223,13 @@ class CheckpointProbe(TrainerCallback):
             if scale == 1.0:
                 continue
             with lora_scaled(model, scale):
-                sts, ppl = probe(model.get_base_model(), self.tokenizer, self.probes, bf16=self.bf16)
-            self.results.append(ProbeResult(step, scale, sts, ppl))
-            log.info("train: step %d at scale %.2f: STS-B probe %.2f, perplexity %.2f", step, scale, sts, ppl)
+                sts, ppl, para = probe(model.get_base_model(), self.tokenizer, self.probes, bf16=self.bf16)
+            self.results.append(ProbeResult(step, scale, sts, ppl, para))
+            log.info("train: step %d at scale %.2f: STS-B probe %.2f, perplexity %.2f%s", step, scale, sts, ppl,
+                     "" if para is None else f", paraphrase similarity {para:.3f}")
 
 
-def select_and_install(callback: CheckpointProbe, model: Any, out_dir: Path, *, max_perplexity_ratio: float | None,
+def select_and_install(callback: CheckpointProbe, model: Any, out_dir: Path, *, gate: SelectionGate,
                        scales: Sequence[float]) -> tuple[ProbeResult, list[dict[str, Any]]]:
     """Probe the adapter of the best-STS step at ``scales`` (whether or not that step passed the gate: scaling the
     update down is how a step that moved too far can come back within it), pick the best passing probe of all, and
@@ -195,8 +243,8 @@ def select_and_install(callback: CheckpointProbe, model: Any, out_dir: Path, *, 
         state = load_file(callback.checkpoint_dir / f"step-{best.step}" / "adapter_model.safetensors")
         set_peft_model_state_dict(model, state)
         callback.probe_scales(model, best.step, scales)
-    results = judge(callback.results, max_perplexity_ratio)
-    chosen = select(results, max_perplexity_ratio)
+    results = judge(callback.results, gate)
+    chosen = select(results, gate)
     adapter = Path(out_dir) / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
     shutil.copytree(callback.checkpoint_dir / f"step-{chosen.step}", adapter)

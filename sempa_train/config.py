@@ -216,7 +216,8 @@ class TrainConfig(StageConfig):
     ``batch_size``, ``gradient_accumulation_steps``, ``max_length``. Speed: ``precompute_ref_log_probs``,
     ``cache_ref_log_probs``, ``share_prompt``, ``gradient_checkpointing``. Checkpoint selection: ``eval_every``,
     ``eval_senteval_dir``, ``eval_sts_split``, ``eval_sts_pairs``, ``eval_text_file``, ``eval_texts``,
-    ``select_max_perplexity_ratio``, ``select_scales``. Output: ``save_merged``.
+    ``eval_paraphrases``, ``select_max_perplexity_ratio``, ``select_min_paraphrase_delta``, ``select_scales``.
+    Output: ``save_merged``.
     Presets: ``paper`` (the paper's recipe, for GPUs) and ``cpu`` (small batches, precomputed and cached
     reference log-probs, bf16 only where the CPU has bf16 units).
     """
@@ -269,8 +270,13 @@ class TrainConfig(StageConfig):
     eval_text_file: str = option("data/heldout_text.txt", "held-out text of the perplexity probe (.txt or NLI .jsonl); "
                                  "must be text no arm trains on")
     eval_texts: int = option(100, "held-out texts in the perplexity probe")
+    eval_paraphrases: int = option(40, "held-out texts (the first N of eval_text_file) paraphrased greedily at each "
+                                   "probe and scored for similarity to their source (0: no paraphrase probe)")
     select_max_perplexity_ratio: float | None = option(
         1.05, "checkpoint selection gate: probed perplexity / base perplexity at most this (None: no gate)")
+    select_min_paraphrase_delta: float | None = option(
+        -0.02, "checkpoint selection gate: probed minus base greedy-paraphrase similarity at least this "
+        "(None: no gate)")
     select_scales: tuple[float, ...] = option((), "after training, also probe the best-STS step's LoRA update scaled "
                                               "by these factors (e.g. 0.25,0.5,0.75); the best passing probe wins")
     seed: int = option(0, "training seed")
@@ -306,6 +312,7 @@ class TrainConfig(StageConfig):
             raise ValueError("eval_every needs eval_senteval_dir (the SentEval folder with STS-B)")
         for name in ("eval_sts_pairs", "eval_texts"):
             _check_positive(name, getattr(self, name))
+        _check_positive("eval_paraphrases", self.eval_paraphrases, allow_zero=True)
         if any(not 0 <= s <= 2 for s in self.select_scales):
             raise ValueError(f"select_scales must lie in [0, 2], got {list(self.select_scales)}")
         if self.select_scales and not self.eval_every:

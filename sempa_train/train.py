@@ -25,7 +25,7 @@ from typing import Any
 import polars as pl
 import torch
 
-from sempa_train.checkpoints import CheckpointProbe, Probes, select_and_install
+from sempa_train.checkpoints import CheckpointProbe, Probes, SelectionGate, select_and_install
 from sempa_train.config import TrainConfig
 from sempa_train.io import (
     code_version,
@@ -147,14 +147,14 @@ def build_dpo_config(cfg: TrainConfig, output_dir: Path, device: torch.device, p
 
 
 def _checkpoint_probe(cfg: TrainConfig, tokenizer: Any, checkpoint_dir: Path, bf16: bool,
-                      processes: int) -> CheckpointProbe | None:
+                      processes: int, chat: bool) -> CheckpointProbe | None:
     """The in-training probe ``cfg.eval_every`` asks for (single process only), or None."""
     if not cfg.eval_every:
         return None
     if processes > 1:
         raise ValueError("eval_every (checkpoint selection) runs in a single process; launch without accelerate")
     probes = Probes.load(cfg.eval_senteval_dir, cfg.eval_sts_pairs, cfg.eval_text_file, cfg.eval_texts, cfg.seed,
-                         cfg.eval_sts_split)
+                         cfg.eval_sts_split, paraphrases=cfg.eval_paraphrases, chat=chat)
     return CheckpointProbe(tokenizer, probes, cfg.eval_every, checkpoint_dir, bf16=bf16)
 
 
@@ -208,7 +208,8 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
             share_prompt=cfg.share_prompt, ref_cache_dir=ref_cache, dpop_lambda=cfg.dpop_lambda,
         )
         setup_seconds = time.perf_counter() - started
-        checkpoints = _checkpoint_probe(cfg, tokenizer, tmp / "checkpoints", trainer.args.bf16, state.num_processes)
+        checkpoints = _checkpoint_probe(cfg, tokenizer, tmp / "checkpoints", trainer.args.bf16, state.num_processes,
+                                        chat)
         if checkpoints is not None:
             trainer.add_callback(checkpoints)
         trainer.train()
@@ -218,12 +219,13 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
         if checkpoints is None:
             trainer.save_model(str(tmp / "adapter"))  # collective under DeepSpeed; writes on the main process
         else:
-            chosen, probes = select_and_install(checkpoints, trainer.model, tmp, scales=cfg.select_scales,
-                                                max_perplexity_ratio=cfg.select_max_perplexity_ratio)
+            gate = SelectionGate(cfg.select_max_perplexity_ratio, cfg.select_min_paraphrase_delta)
+            chosen, probes = select_and_install(checkpoints, trainer.model, tmp, scales=cfg.select_scales, gate=gate)
             write_text(tmp / "checkpoints.jsonl", "".join(json.dumps(p) + "\n" for p in probes))
             metrics.update(selected_step=chosen.step, selected_scale=chosen.scale,
                            selected_sts_spearman=chosen.sts_spearman,
-                           selected_perplexity_ratio=chosen.perplexity_ratio)
+                           selected_perplexity_ratio=chosen.perplexity_ratio,
+                           selected_paraphrase_delta=chosen.paraphrase_delta)
             log.info("train: selected step %d at scale %.2f (STS-B probe %.2f, perplexity ratio %.3f)",
                      chosen.step, chosen.scale, chosen.sts_spearman, chosen.perplexity_ratio)
         if state.is_main_process:

@@ -10,6 +10,7 @@ from test_sts import make_senteval
 from sempa_train.checkpoints import (
     NoPassingCheckpointError,
     ProbeResult,
+    SelectionGate,
     judge,
     lora_scaled,
     scale_adapter_file,
@@ -25,19 +26,29 @@ SENTENCES = ["A dog runs in the park.", "Two women are drinking coffee."]
 def test_selection_takes_the_best_sts_within_the_gate():
     results = judge([ProbeResult(0, 1.0, 70.0, 100.0), ProbeResult(10, 1.0, 72.0, 103.0),
                      ProbeResult(20, 1.0, 75.0, 110.0), ProbeResult(30, 1.0, 71.0, 104.0),
-                     ProbeResult(20, 0.5, 73.0, 104.5)], max_perplexity_ratio=1.05)
+                     ProbeResult(20, 0.5, 73.0, 104.5)], SelectionGate(max_perplexity_ratio=1.05))
     assert [r.passed for r in results] == [True, True, False, True, True]
     assert results[2].perplexity_ratio == pytest.approx(1.10)
-    chosen = select(results, 1.05)
+    chosen = select(results, SelectionGate(1.05))
     assert (chosen.step, chosen.scale) == (20, 0.5)
-    assert select(judge(results, None), None).step == 20  # no gate: the best STS
+    assert select(judge(results, SelectionGate()), SelectionGate()).step == 20  # no gate: the best STS
+
+
+def test_selection_gates_on_paraphrase_similarity():
+    gate = SelectionGate(max_perplexity_ratio=1.05, min_paraphrase_delta=-0.02)
+    results = judge([ProbeResult(0, 1.0, 70.0, 100.0, 0.95), ProbeResult(10, 1.0, 72.0, 101.0, 0.94),
+                     ProbeResult(20, 1.0, 75.0, 102.0, 0.90), ProbeResult(20, 0.5, 74.0, 101.0, 0.935)], gate)
+    assert [r.passed for r in results] == [True, True, False, True]
+    assert results[2].paraphrase_delta == pytest.approx(-0.05)
+    assert (select(results, gate).step, select(results, gate).scale) == (20, 0.5)
 
 
 def test_selection_refuses_when_every_checkpoint_fails():
+    gate = SelectionGate(max_perplexity_ratio=1.05)
     results = judge([ProbeResult(0, 1.0, 70.0, 100.0), ProbeResult(10, 1.0, 72.0, 108.0),
-                     ProbeResult(20, 1.0, 75.0, 120.0)], max_perplexity_ratio=1.05)
-    with pytest.raises(NoPassingCheckpointError, match=r"ratio <= 1.05.*lowest ratio was 1.080 at step 10"):
-        select(results, 1.05)
+                     ProbeResult(20, 1.0, 75.0, 120.0)], gate)
+    with pytest.raises(NoPassingCheckpointError, match=r"ratio <= 1.05.*lowest perplexity ratio was 1.080 at step 10"):
+        select(results, gate)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +76,8 @@ def test_training_probes_steps_and_scales_and_keeps_the_choice(trained):
     base = next(r for r in rows if r["step"] == 0)
     zero = next(r for r in rows if r["scale"] == 0.0)
     assert zero["perplexity"] == pytest.approx(base["perplexity"], rel=1e-4)  # scale 0 is the base model
+    assert zero["paraphrase_similarity"] == pytest.approx(base["paraphrase_similarity"], abs=1e-4)
+    assert all(r["paraphrase_delta"] is not None for r in rows)
 
 
 def test_all_failing_run_is_refused(tiny_model_dir, sample_prefs, trained, tmp_path):
