@@ -1,77 +1,102 @@
-"""Prefect tasks: thin wrappers that add retries, caching, subprocesses and artifacts to ``sempa_train`` stages.
+"""Prefect tasks: one task per step of the library's stage plan, plus publishing and artifacts.
 
-Every stage writes into ``Store.stage_dir(stage, key)`` where ``key`` hashes the stage config and the
-content hashes of its inputs. The task's Prefect cache key is that same key, so a re-run with the
-same inputs shows the stage as Cached and resumes at the first stage whose output is missing. The
-flow passes ``refresh_cache`` when the folder is gone, so a cached result never points at nothing.
+``run_in_prefect`` is the flow's runner for ``sempa_train.plan.execute``: it submits each step as a task
+named after its stage, whose Prefect cache key is the step's content key, so a re-run with the same
+inputs shows the stage as Cached and resumes at the first stage whose output is missing (the cache is
+refreshed when the folder is gone, so a cached result never points at nothing). Stages that load a
+model run in a subprocess, whose memory is returned when it ends; sampling spreads its shards over the
+Dask cluster when one is configured and reports its progress as an artifact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.context import FlowRunContext, TaskRunContext
+from prefect.runtime import flow_run
 
-from sempa_train.assessment import assess
-from sempa_train.config import ClusterConfig, PrepareConfig, RankConfig, SampleConfig, TrainConfig
-from sempa_train.io import read_manifest
-from sempa_train.prepare import prepare
+from sempa_train.io import read_json, read_manifest
+from sempa_train.plan import DATA_STAGES, RunConfig, Step, run_step
 from sempa_train.procs import call_in_subprocess
-from sempa_train.ranking import rank
-from sempa_train.sampling import sample_candidates, work_dir_for
-from sempa_train.train import train_dpo
-from sempa_train.workflow import RunConfig
+from sempa_train.sampling import work_dir_for
+from sempa_train.store import Store
 
 
 def by_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Prefect cache key: the content key the flow computed (never a path)."""
-    return f"{context.task.name}-{parameters['key']}"
+    """Prefect cache key: the content key the plan computed (never a path)."""
+    return f"{context.task.name}-{parameters['step'].key}"
 
 
-CACHED = {"cache_key_fn": by_key, "persist_result": True}
-IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5}  # reading sources and writing datasets can fail transiently
+@task(cache_key_fn=by_key, persist_result=True)
+def stage_task(step: Step) -> str:
+    """Run (or reuse) one step of the plan and attach what it produced as artifacts; returns its folder."""
+    name = step.stage.name
+    if step.done or not step.stage.heavy:
+        run_step(step)
+    elif name == "sample" and step.cfg.cluster.enabled:
+        from pipelines.scale import cluster_shard_runner
+
+        with sampling_progress(step):
+            run_step(step, shard_runner=cluster_shard_runner(step.cfg.cluster))
+    elif name == "sample":
+        with sampling_progress(step):  # finished shards of a failed attempt are reused
+            call_in_subprocess(run_step, step, show_progress=False)
+    else:
+        call_in_subprocess(run_step, step)
+    for artifact, sub in step.stage.produces.items():
+        if name in DATA_STAGES:
+            dataset_artifact(step.out / sub if sub else step.out, artifact)
+    if name == "evaluate":
+        evaluation_artifact(step.out)
+    return str(step.out)
 
 
-def dataset_artifact(path: Path, title: str) -> None:
-    """A table artifact with a dataset's counts and drop reasons (only inside a flow or task run)."""
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
-        return
-    manifest = read_manifest(path)
-    rows = [{"what": k, "count": v} for k, v in manifest.get("counts", {}).items()]
-    rows += [{"what": f"dropped: {k}", "count": v} for k, v in manifest.get("drops", {}).items()]
-    create_table_artifact(table=rows, key=None, description=f"{title}: {path}")
+def run_in_prefect(step: Step) -> None:
+    """The flow's runner: the step as a task named after its stage, with the stage's retries."""
+    stage_task.with_options(name=step.stage.name, retries=step.stage.retries, retry_delay_seconds=5,
+                            refresh_cache=not step.done)(step)
 
 
-@task(name="prepare", **CACHED, **IO_RETRIES)
-def prepare_task(cfg: PrepareConfig, out: str, key: str) -> str:
-    """NLI source → triples + gold preferences."""
-    if Path(out).exists():  # complete (stage folders appear atomically): a Prefect cache miss only
-        return out
-    result = prepare(cfg, Path(out), overwrite=True)
-    dataset_artifact(result.triples_dir, "NLI triples")
-    return out
+@task(name="publish")
+def publish_task(root: str, dataset: str, parts: dict[str, Path], cfg: RunConfig) -> str:
+    """The data stages' outputs as a new immutable version of ``dataset``."""
+    version = Store(root).publish(dataset, parts, {
+        "config": cfg.to_dict(), "stages": sorted(parts),
+        "flow_run": {"id": str(flow_run.get_id()), "name": flow_run.get_name()},
+    })
+    return str(version)
 
 
-@task(name="sample", **CACHED, retries=1, retry_delay_seconds=5)  # a retry resumes at the unfinished shards
-def sample_task(cfg: SampleConfig, triples: str, out: str, key: str, cluster: ClusterConfig | None = None) -> str:
-    """Paraphrase candidates, with a progress artifact fed from the finished shards: in a subprocess, or with
-    the shards spread over a Dask cluster when ``cluster`` is enabled."""
-    if Path(out).exists():
-        return out
-    progress = create_progress_artifact(progress=0.0, description=f"sampling candidates into {out}")
+def published(root: str, dataset: str, cfg: RunConfig) -> Any:
+    """An ``after_data`` hook for ``execute``: publish the data artifacts and train on the published copies."""
+    def publish(artifacts: Mapping[str, Path]) -> dict[str, Path]:
+        parts = {name: artifacts[name] for name in ("triples", "candidates", "preferences") if name in artifacts}
+        version = Path(publish_task(root, dataset, parts, cfg))
+        return {"dataset_version": version, **{name: version / name for name in parts}}
+
+    return publish
+
+
+@contextlib.contextmanager
+def sampling_progress(step: Step) -> Iterator[None]:
+    """A progress artifact fed from the finished shards while sampling runs."""
+    progress = create_progress_artifact(progress=0.0, description=f"sampling candidates into {step.out}")
     stop = threading.Event()
-    work = work_dir_for(Path(out))
-    total = _premise_count(triples, cfg.max_premises)
-    shards = max(1, -(-total // cfg.shard_size))
+    work = work_dir_for(step.out)
+    premises = int(read_manifest(step.inputs["triples"]).get("counts", {}).get("premises_kept", 0))
+    premises = min(premises, step.cfg.sample.max_premises or premises)
+    shards = max(1, -(-premises // step.cfg.sample.shard_size))
 
     def watch() -> None:
         while not stop.wait(2.0):
@@ -81,57 +106,38 @@ def sample_task(cfg: SampleConfig, triples: str, out: str, key: str, cluster: Cl
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        if cluster is not None and cluster.enabled:
-            from pipelines.scale import cluster_shard_runner
-
-            sample_candidates(cfg, Path(triples), Path(out), shard_runner=cluster_shard_runner(cluster))
-        else:  # finished shards of a failed attempt are reused
-            call_in_subprocess(sample_candidates, cfg, Path(triples), Path(out), show_progress=False)
+        yield
     finally:
         stop.set()
         watcher.join()
     update_progress_artifact(progress, progress=100.0)
-    dataset_artifact(Path(out), "candidates")
-    return out
 
 
-def _premise_count(triples: str, limit: int | None) -> int:
-    n = int(read_manifest(Path(triples)).get("counts", {}).get("premises_kept", 0))
-    return min(n, limit) if limit else n
+def dataset_artifact(path: Path, title: str) -> None:
+    """A table artifact with a dataset's counts and drop reasons."""
+    manifest = read_manifest(path)
+    rows = [{"what": k, "count": v} for k, v in manifest.get("counts", {}).items()]
+    rows += [{"what": f"dropped: {k}", "count": v} for k, v in manifest.get("drops", {}).items()]
+    create_table_artifact(table=rows, key=None, description=f"{title}: {path}")
 
 
-@task(name="rank", **CACHED, **IO_RETRIES)
-def rank_task(cfg: RankConfig, triples: str | None, candidates: str | None, out: str, key: str) -> str:
-    """Scored, filtered preference triples (scorer loaded in a subprocess)."""
-    if Path(out).exists():
-        return out
-    call_in_subprocess(rank, cfg, Path(out), triples=Path(triples) if triples else None,
-                       candidates=Path(candidates) if candidates else None, overwrite=True)
-    dataset_artifact(Path(out), "preference triples")
-    return out
-
-
-@task(name="train", **CACHED)  # no retry: a failed training run is a bug or a resource problem to look at
-def train_task(cfg: TrainConfig, data: str, out: str, key: str) -> str:
-    """DPO + LoRA in a subprocess (its memory is returned when it ends)."""
-    if Path(out).exists():
-        return out
-    call_in_subprocess(train_dpo, cfg, Path(data), Path(out), overwrite=True)
-    return out
-
-
-@task(name="evaluate")
-def evaluate_task(model: str, adapter: str | None, cfg: RunConfig, out: str, inputs: dict[str, str]) -> dict[str, Any]:
-    """STS (base and tuned), retention probes, gates and report, in a subprocess; a failed gate fails the task."""
-    summary = call_in_subprocess(assess, model, adapter, Path(out), eval_cfg=cfg.eval, embed=cfg.embed,
-                                 retention=cfg.retention, gates=cfg.gates, inputs=inputs)
-    table = summary["sts"]["table"]
+def evaluation_artifact(eval_dir: Path) -> None:
+    """The STS table (and perplexity ratio) of an evaluation as a markdown artifact."""
+    summary = read_json(eval_dir / "summary.json")
     retention = summary.get("retention", {}).get("compare")
     extra = f"\n\nPerplexity ratio (tuned / base): {retention['perplexity_ratio']:.3f}" if retention else ""
-    if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
-        create_markdown_artifact(
-            key="sts-evaluation", description=f"{model}" + (f" + {adapter}" if adapter else ""),
-            markdown=f"## STS evaluation (Spearman x 100)\n\n```\n{table}\n```{extra}\n\n"
-                     f"Report: `{Path(out) / 'report.md'}`\n",
-        )
-    return summary
+    create_markdown_artifact(
+        key="sts-evaluation", description=summary["model"] + (f" + {summary['adapter']}" if summary["adapter"] else ""),
+        markdown=f"## STS evaluation (Spearman x 100)\n\n```\n{summary['sts']['table']}\n```{extra}\n\n"
+                 f"Report: `{eval_dir / 'report.md'}`\n",
+    )
+
+
+def outputs_artifact(files: Mapping[str, str]) -> None:
+    """Links to a run's outputs (the report and the dataset version also as link artifacts)."""
+    lines = [f"- **{k}**: [`{v}`]({Path(v).resolve().as_uri()})" for k, v in files.items()]
+    create_markdown_artifact(key="outputs", description="where this run's files are",
+                             markdown="## Outputs\n\n" + "\n".join(lines) + "\n")
+    for name in ("report", "dataset_version"):
+        if name in files:
+            create_link_artifact(link=Path(files[name]).resolve().as_uri(), link_text=name.replace("_", " "))

@@ -24,9 +24,6 @@ from sempa_train.sts_data import STSSubset, load_tasks
 
 log = logging.getLogger(__name__)
 
-RETENTION_ENCODER = "all-minilm-l6-v2"
-
-
 class GateError(RuntimeError):
     """A tuned model crossed a quality gate."""
 
@@ -63,7 +60,7 @@ def assess(
 ) -> dict[str, Any]:
     """Evaluate ``model`` (and ``model`` + ``adapter``), write the files above, enforce the gates."""
     from sempa_train.report import build_report
-    from sempa_train.retention import compare, run_retention
+    from sempa_train.retention import SIMILARITY_ENCODER, compare, run_retention
 
     out_dir = Path(out_dir)
     embed = embed or EmbedConfig()
@@ -84,7 +81,7 @@ def assess(
     if retention is not None:
         from sempa_train.embedding import load_encoder
 
-        encoder = load_encoder(RETENTION_ENCODER, show_progress=False)
+        encoder = load_encoder(SIMILARITY_ENCODER, show_progress=False)
         probes = {"base": run_retention(model, None, retention, encoder, cache=eval_cfg.cache_base)}
         if adapter:
             probes["tuned"] = run_retention(model, adapter, retention, encoder)

@@ -32,6 +32,7 @@ import torch
 from transformers import TrainerCallback
 
 from sempa_train.embedding import PromptEOLEncoder, cosine
+from sempa_train.errors import RecordedFailure
 from sempa_train.evaluation import spearman100
 from sempa_train.retention import held_out_texts, paraphrase_probe, perplexity
 from sempa_train.sts_data import STSSubset, load_senteval_task
@@ -39,7 +40,7 @@ from sempa_train.sts_data import STSSubset, load_senteval_task
 log = logging.getLogger(__name__)
 
 
-class NoPassingCheckpointError(RuntimeError):
+class NoPassingCheckpointError(RecordedFailure):
     """No probed checkpoint passed the selection gate."""
 
 
@@ -81,10 +82,10 @@ class ProbeResult:
 @functools.cache
 def _similarity_encoder() -> Any:
     """The sentence encoder that scores paraphrases (the one retention uses), loaded once per process."""
-    from sempa_train.assessment import RETENTION_ENCODER
     from sempa_train.embedding import load_encoder
+    from sempa_train.retention import SIMILARITY_ENCODER
 
-    return load_encoder(RETENTION_ENCODER, show_progress=False)
+    return load_encoder(SIMILARITY_ENCODER, show_progress=False)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,25 +57,31 @@ def _stage_parser(sub: Any, name: str, cls: type, *, help: str, description: str
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
+    """The ``sempa`` parser; ``extend(subparsers)`` may add subcommands."""
     parser = argparse.ArgumentParser(
         prog="sempa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="the whole method: prepare, evaluate base, train, evaluate tuned",
-                       description="Run the paper's method end to end on one machine. Defaults: the built-in "
-                       "NLI sample (data/nli_sample.jsonl), SmolLM2-135M-Instruct, the cpu train preset, "
-                       "STS-B dev. Outputs go to --out (default outputs/run-<time>).")
-    p.add_argument("--config", type=Path, help="YAML file with sections prepare/train/eval/embed")
-    p.add_argument("--out", type=Path, help="output folder (default: outputs/run-<UTC time>)")
-    p.add_argument("--source", help="NLI source (overrides the config)")
-    p.add_argument("--model", help="policy model (overrides the config)")
-    p.add_argument("--preset", choices=("cpu", "paper"), help="train preset (overrides the config)")
-    p.add_argument("--max-steps", type=int, help="stop training after N steps")
-    p.add_argument("--senteval-dir", help="SentEval data folder for STS-B dev (default: the Hub, online only)")
-    p.add_argument("--tasks", help="comma-separated STS tasks (default STSBenchmark)")
-    p.add_argument("--split", choices=("dev", "test"), help="STS-B / SICK split (default dev)")
+    p = sub.add_parser("run", help="the whole plan in this process: prepare, (sample,) rank, train, evaluate",
+                       description="Run the pipeline's stage plan end to end on one machine. Defaults: the built-in "
+                       "NLI sample (data/nli_sample.jsonl), gold pairs, SmolLM2-135M-Instruct, the cpu train preset, "
+                       "STS-B dev. Outputs go to --out (default outputs/run-<time>); running again with the same "
+                       "--out reuses every finished stage.")
+    run_flags: dict[str, dict[str, Any]] = {
+        "--config": {"type": Path, "help": "YAML run config (sections prepare, sample, rank, train, eval, ...)"},
+        "--out": {"type": Path, "help": "output folder (default: outputs/run-<UTC time>)"},
+        "--source": {"help": "NLI source (overrides the config)"},
+        "--model": {"help": "policy model (overrides the config)"},
+        "--preset": {"choices": ("cpu", "paper"), "help": "train preset (overrides the config)"},
+        "--max-steps": {"type": int, "help": "stop training after N steps"},
+        "--senteval-dir": {"help": "SentEval data folder for STS-B dev (default: the Hub, online only)"},
+        "--tasks": {"help": "comma-separated STS tasks (default STSBenchmark)"},
+        "--split": {"choices": ("dev", "test"), "help": "STS-B / SICK split (default dev)"},
+    }
+    for flag, kwargs in run_flags.items():
+        p.add_argument(flag, **kwargs)
     _common(p)
 
     _stage_parser(sub, "prepare", PrepareConfig, help="NLI source → triples and gold preference datasets",
@@ -96,18 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
                   "duplicates, low margins and evaluation-set sentences; every drop is counted in the dataset card.",
                   inputs={"triples": (False, "triples dataset folder (gold pairs, contradictions)"),
                           "candidates": (False, "candidates dataset folder (from sempa sample)")})
-
-    p = sub.add_parser("prefect", help="local Prefect: up (server, pool, deployments, worker), run, status, down",
-                       description="Set up Prefect locally in one step: `up` starts a server on 127.0.0.1 "
-                       "(embedded SQLite), creates the process work pool, deploys flows.yaml, starts a worker and "
-                       "points the active Prefect profile at the server. `run NAME` runs a deployment and waits "
-                       "(prefect deployment run sempa/NAME --watch). `down` stops what `up` started.")
-    p.add_argument("action", choices=("up", "run", "status", "down"))
-    p.add_argument("deployment", nargs="?", default="full", help="for run: full, refresh or evaluate")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
-                   help="for run: a flow parameter, value in JSON (repeatable)")
-    p.add_argument("--port", type=int, default=4200, help="server port on 127.0.0.1 (default 4200)")
-    p.add_argument("--state-dir", type=Path, default=Path("outputs/prefect"), help="pid files and logs")
 
     p = sub.add_parser("experiment", help="compare arms (preference strategies, objectives, ...) under one budget",
                        description="Run (or resume) an experiment: shared data preparation and sampling, then per "
@@ -147,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, EvalConfig)
     add_arguments(p, EmbedConfig)
     p.add_argument("-v", "--verbose", action="store_true", help="show library logs too")
+    if extend is not None:
+        extend(sub)
     return parser
 
 
@@ -196,38 +192,6 @@ def _cmd_rank(args: argparse.Namespace) -> None:
     print("dropped:     " + (", ".join(f"{k}={v:,}" for k, v in result.drops.items()) or "nothing"))
 
 
-def _cmd_prefect(args: argparse.Namespace) -> None:
-    import json
-
-    from pipelines.local import LocalPrefect, PrefectUnavailableError
-
-    local = LocalPrefect(port=args.port, state_dir=args.state_dir)
-    try:
-        if args.action == "up":
-            local.up()
-            print(f"Prefect server: {local.api_url.removesuffix('/api')} (UI); worker on pool {local.pool}")
-            print("run the pipeline:  prefect deployment run sempa/full --watch")
-            print("stop everything:   sempa prefect down")
-        elif args.action == "run":
-            params = {}
-            for item in args.param:
-                key, _, value = item.partition("=")
-                try:
-                    params[key] = json.loads(value)
-                except json.JSONDecodeError:
-                    params[key] = value
-            code = local.run_deployment(args.deployment, params)
-            if code != 0:
-                raise RuntimeError(f"deployment sempa/{args.deployment} did not complete (exit code {code})")
-        elif args.action == "status":
-            print(json.dumps(local.status(), indent=2))
-        else:
-            local.down()
-            print("stopped the worker and the server started by `sempa prefect up`")
-    except PrefectUnavailableError as e:
-        raise RuntimeError(str(e)) from e
-
-
 def _cmd_experiment(args: argparse.Namespace) -> None:
     from sempa_train.experiment import results_table, run_experiment
 
@@ -272,7 +236,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _cmd_run(args: argparse.Namespace) -> None:
     from datetime import UTC, datetime
 
-    from sempa_train.workflow import RunConfig, run_method
+    from sempa_train.plan import RunConfig
+    from sempa_train.workflow import run_method
 
     overrides = {
         "prepare": {"source": args.source} if args.source else {},
@@ -293,15 +258,18 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "sample": _cmd_sample, "rank": _cmd_rank,
-            "inspect": _cmd_inspect, "train": _cmd_train, "eval": _cmd_eval, "prefect": _cmd_prefect,
+            "inspect": _cmd_inspect, "train": _cmd_train, "eval": _cmd_eval,
             "report": _cmd_report, "experiment": _cmd_experiment}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, extend: Callable[[Any], None] | None = None,
+         commands: dict[str, Callable[[argparse.Namespace], None]] | None = None) -> int:
+    """Parse ``argv`` and run the subcommand. ``extend`` and ``commands`` let a front end add subcommands
+    (``pipelines.cli`` adds ``sempa prefect``) without the library importing it."""
+    args = build_parser(extend).parse_args(argv)
     _configure_logging(getattr(args, "verbose", False))
     try:
-        COMMANDS[args.command](args)
+        {**COMMANDS, **(commands or {})}[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         print(f"sempa {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,13 +1,14 @@
-"""Compare preference strategies under the same training budget: ``sempa experiment CONFIG.yaml``.
+"""Compare arms under the same budget: ``sempa experiment CONFIG.yaml``, a runner of the one stage plan.
 
 The config has a run config's sections (``prepare``, ``sample``, ``rank``, ``train``, ``eval``,
-``embed``, ``retention``, ``gates``) shared by every arm, plus ``name``, ``out`` and ``strategies``:
-a mapping from arm name to section overrides (usually ``rank: {strategy: ...}``). The data are
-prepared and sampled once; each arm ranks, trains (same ``max_steps``) and is evaluated against
-the same untuned baseline. Every step's output is kept under ``out`` and reused when the experiment
-is started again, so a long run that stops resumes where it stopped. Results go to
-``out/results.json``, ``out/results.md`` (the table in the README) and ``out/pareto.png`` (each
-arm's STS change against its perplexity ratio, with the gate).
+``embed``, ``retention``, ``gates``) shared by every arm, plus ``name``, ``out``, ``model`` and
+``strategies``: a mapping from arm name to section overrides. Each arm is the plan (``sempa_train.plan``)
+run with its own config in one store under ``out``; stages whose content keys are equal across arms
+(preparation, sampling, an untuned baseline) run once, and every finished stage is reused when the
+experiment is started again, so a long run that stops resumes where it stopped. The baseline is the
+plan's evaluate stage without an adapter. Results go to ``out/results.json``, ``out/results.md`` (the
+table in the README) and ``out/pareto.png`` (each arm's STS change against its perplexity ratio, with
+the gate); ``out/<arm>/`` (and ``out/baseline/eval``) link to the arm's stage folders.
 """
 
 from __future__ import annotations
@@ -17,55 +18,45 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sempa_train.assessment import GateError, assess
-from sempa_train.checkpoints import NoPassingCheckpointError
+from sempa_train.assessment import GateError
+from sempa_train.errors import RecordedFailure
 from sempa_train.evaluation import delta_intervals, predictions_path
 from sempa_train.io import code_version, now_iso, read_json, write_json, write_text
-from sempa_train.prepare import prepare
-from sempa_train.ranking import rank
+from sempa_train.plan import (
+    SECTIONS,
+    STAGE_NAMES,
+    Execution,
+    RunConfig,
+    execute,
+    link_outputs,
+    merge_sections,
+    read_yaml_mapping,
+)
 from sempa_train.report import plot_pareto
-from sempa_train.sampling import sample_candidates
-from sempa_train.train import train_dpo
-from sempa_train.workflow import SECTIONS, RunConfig
+from sempa_train.store import Store
 
 log = logging.getLogger(__name__)
-
-FAILED = "train_failed.json"  # in an arm's folder: training found no checkpoint within the selection gate
-
 
 def load_experiment(path: Path) -> tuple[str, Path, RunConfig, dict[str, RunConfig]]:
     """``(name, out, shared config, {arm: config})`` from an experiment YAML file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"experiment config {path} does not exist")
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    values = read_yaml_mapping(path, "an experiment config")
     name, out, arms = values.pop("name", path.stem), values.pop("out", None), values.pop("strategies", None)
     if not out or not arms:
         raise ValueError(f"{path}: an experiment needs 'out' (a folder) and 'strategies' (arm → overrides)")
+    if "baseline" in arms:
+        raise ValueError(f"{path}: 'baseline' names the untuned model's row; call the arm something else")
     model = values.pop("model", None)
-    shared = {section: values.get(section) or {} for section in SECTIONS if section in values}
     unknown = sorted(set(values) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}")
-    base = RunConfig.build(None, overrides=shared, model=model)
-    configs = {}
-    for arm, overrides in arms.items():
-        merged = {section: {**shared.get(section, {}), **(overrides or {}).get(section, {})} for section in SECTIONS}
-        configs[arm] = RunConfig.build(None, overrides=merged, model=model)
-    return name, Path(out), base, configs
-
-
-def _timed(label: str, timings: dict[str, float], fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``, its seconds recorded under ``label`` even when it raises (a failed gate still
-    took the evaluation's time)."""
-    start = time.perf_counter()
     try:
-        return fn(*args, **kwargs)
-    finally:
-        timings[label] = round(time.perf_counter() - start, 1)
-        log.info("experiment: %s took %.0fs", label, timings[label])
+        base = RunConfig.build(None, overrides=values, model=model)
+        configs = {arm: RunConfig.build(None, overrides=merge_sections(values, overrides or {}), model=model)
+                   for arm, overrides in arms.items()}
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    return name, Path(out), base, configs
 
 
 def run_experiment(path: Path, *, run: bool = True) -> dict[str, Any]:
@@ -74,59 +65,44 @@ def run_experiment(path: Path, *, run: bool = True) -> dict[str, Any]:
     ``run=False`` runs nothing: it writes the table of the arms already evaluated (of a run that
     was stopped, say) and lists the others under ``missing``."""
     name, out, base, arms = load_experiment(path)
-    if not run:
-        return _write_results(name, out, base, arms, {}, 0.0)
-    timings: dict[str, float] = {}
+    store = Store(out)
     started = time.perf_counter()
-    data = out / "data"
-    if not (data / "triples").exists():
-        _timed("prepare", timings, prepare, base.prepare, data, overwrite=True)
-    needs_candidates = any(cfg.rank.strategy != "gold" for cfg in arms.values())
-    candidates = out / "candidates"
-    if needs_candidates and not candidates.exists():
-        _timed("sample", timings, sample_candidates, base.sample, data / "triples", candidates)
-    if not _evaluated(out, "baseline"):
-        _timed("evaluate baseline", timings, assess, base.train.model, None, _eval_dir(out, "baseline"),
-               eval_cfg=base.eval, embed=base.embed, retention=base.retention)
-    for arm, cfg in arms.items():
-        arm_dir = out / arm
-        if not (arm_dir / "preferences").exists():
-            _timed(f"{arm}: rank", timings, rank, cfg.rank, arm_dir / "preferences", triples=data / "triples",
-                   candidates=candidates if cfg.rank.strategy != "gold" else None)
-        if (arm_dir / FAILED).is_file():  # no checkpoint passed the selection gate in an earlier invocation
-            continue
-        if not (arm_dir / "model").exists():
-            try:
-                _timed(f"{arm}: train", timings, train_dpo, cfg.train, arm_dir / "preferences", arm_dir / "model")
-            except NoPassingCheckpointError as e:  # recorded; the other arms still run
-                log.warning("experiment: %s: %s", arm, e)
-                write_json(arm_dir / FAILED, {"error": str(e)})
-                continue
-        if not _evaluated(out, arm):
-            try:
-                _timed(f"{arm}: evaluate", timings, assess, cfg.train.model, arm_dir / "model" / "adapter",
-                       _eval_dir(out, arm), eval_cfg=cfg.eval, embed=cfg.embed, retention=cfg.retention,
-                       gates=cfg.gates, inputs={"preferences": str(arm_dir / "preferences"),
-                                                "train_log": str(arm_dir / "model" / "train_log.jsonl")})
-            except GateError as e:  # recorded in the arm's summary and the table; the other arms still run
-                log.warning("experiment: %s: %s", arm, e)
-    return _write_results(name, out, base, arms, timings, time.perf_counter() - started)
+    timings: dict[str, float] = {}
+    runs: dict[str, Execution] = {}
+    failed: dict[str, str] = {}
+    for arm, cfg in {"baseline": base, **arms}.items():
+        stages = ("evaluate",) if arm == "baseline" else STAGE_NAMES
+        runs[arm] = Execution()
+        try:
+            execute(cfg, store, stages=stages, run=run, record=runs[arm])
+        except RecordedFailure as e:  # recorded beside the stage's folder; the other arms still run
+            log.warning("experiment: %s: %s", arm, e)
+            failed[arm] = str(e)
+        except GateError as e:  # written to the arm's summary and shown in the table; the other arms still run
+            log.warning("experiment: %s: %s", arm, e)
+        timings.update({f"{arm}: {stage}": seconds for stage, seconds in runs[arm].seconds.items()
+                        if not runs[arm].reused[stage]})
+        link_outputs(runs[arm], out / arm)
+    return _write_results(name, out, base, arms, runs, failed, timings, time.perf_counter() - started)
 
 
-def _write_results(name: str, out: Path, base: RunConfig, arms: dict[str, RunConfig], timings: dict[str, float],
-                   seconds: float) -> dict[str, Any]:
+def _write_results(name: str, out: Path, base: RunConfig, arms: dict[str, RunConfig], runs: dict[str, Execution],
+                   failed: dict[str, str], timings: dict[str, float], seconds: float) -> dict[str, Any]:
     """``out/results.json`` and ``out/results.md`` from the baseline and every arm evaluated so far."""
-    if not _evaluated(out, "baseline"):
-        raise FileNotFoundError(f"{_eval_dir(out, 'baseline')} has no summary.json: the experiment's baseline "
-                                "was not evaluated")
-    done = ["baseline", *(arm for arm in arms if _evaluated(out, arm))]
+    def evaluation(arm: str) -> Path | None:
+        step = runs[arm].steps.get("evaluate")
+        return step.out if step is not None and step.done else None
+
+    if evaluation("baseline") is None:
+        raise FileNotFoundError(f"{out}: the experiment's baseline was not evaluated yet")
+    done = ["baseline", *(arm for arm in arms if evaluation(arm) is not None)]
     results = {
         "name": name, "created_at": now_iso(), "code_version": code_version(),
         "wall_seconds_this_invocation": round(seconds, 1), "timings": timings,
         "config": base.to_dict(), "arms": {arm: cfg.to_dict() for arm, cfg in arms.items()},
-        "rows": {arm: _row(arm, read_json(_eval_dir(out, arm) / "summary.json"), out) for arm in done},
-        "missing": [arm for arm in arms if arm not in done and not (out / arm / FAILED).is_file()],
-        "failed": {arm: read_json(out / arm / FAILED)["error"] for arm in arms if (out / arm / FAILED).is_file()},
+        "rows": {arm: _row(arm, read_json(evaluation(arm) / "summary.json"), runs[arm]) for arm in done},
+        "missing": [arm for arm in arms if arm not in done and arm not in failed],
+        "failed": failed,
     }
     write_json(out / "results.json", results)
     table = results_table(results)
@@ -137,16 +113,7 @@ def _write_results(name: str, out: Path, base: RunConfig, arms: dict[str, RunCon
     return results
 
 
-def _eval_dir(out: Path, arm: str) -> Path:
-    """Where an arm's evaluation (``summary.json``, report) lives; the untuned baseline has its own folder."""
-    return out / "baseline" if arm == "baseline" else out / arm / "eval"
-
-
-def _evaluated(out: Path, arm: str) -> bool:
-    return (_eval_dir(out, arm) / "summary.json").is_file()
-
-
-def _row(arm: str, summary: dict[str, Any], out: Path) -> dict[str, Any]:
+def _row(arm: str, summary: dict[str, Any], run: Execution) -> dict[str, Any]:
     """The numbers of one arm: STS per task, retention, data and training facts."""
     outputs = summary["outputs"]
     tuned = read_json(Path(outputs["eval_tuned"])) if outputs.get("eval_tuned") else read_json(
@@ -165,10 +132,10 @@ def _row(arm: str, summary: dict[str, Any], out: Path) -> dict[str, Any]:
     evals = [Path(outputs[k]) for k in ("eval_base", "eval_tuned") if outputs.get(k)]
     if len(evals) == 2 and all(predictions_path(e).is_file() for e in evals):  # not in copies without Parquet
         row["sts_delta_ci"] = delta_intervals(*evals)
-    arm_dir = out / arm
-    if (arm_dir / "model" / "metrics.json").is_file():
-        metrics = read_json(arm_dir / "model" / "metrics.json")
-        prefs = read_json(arm_dir / "preferences" / "manifest.json")
+    model = run.artifacts.get("model")
+    if model is not None and (model / "metrics.json").is_file():
+        metrics = read_json(model / "metrics.json")
+        prefs = read_json(run.artifacts["preferences"] / "manifest.json")
         row.update(pairs=prefs["rows"], steps=metrics.get("global_steps"),
                    train_seconds=metrics.get("train_runtime"),
                    reward_accuracy=metrics.get("final_rewards_accuracies"))

@@ -31,6 +31,8 @@ from sempa_train.sampling import TransformersBackend, clean_candidate, paraphras
 from sempa_train.sources import clean_text
 from sempa_train.templates import resolve_template
 
+SIMILARITY_ENCODER = "all-minilm-l6-v2"  # scores a paraphrase's similarity to its source (not the policy itself)
+
 
 def held_out_texts(path: str | Path, limit: int) -> list[str]:
     """Distinct texts from a ``.jsonl`` NLI file (its premises) or a plain text file (its lines)."""

@@ -59,7 +59,7 @@ def test_deployment_run_full_completes(local_prefect, tiny_model_dir, tmp_path):
     version = root / "datasets" / "default" / "v0001"
     prefs = pl.read_parquet(version / "preferences" / "data.parquet")
     assert prefs.height > 0 and {"prompt", "chosen", "rejected"} <= set(prefs.columns)
-    [summary] = list((root / "eval").glob("*/summary.json"))
+    [summary] = list((root / "stages" / "evaluate").glob("*/summary.json"))
     results = json.loads(summary.read_text())
     assert results["sts"]["tuned"] is not None and results["gates"]["passed"]
     tuned = json.loads((summary.parent / "tuned.json").read_text())

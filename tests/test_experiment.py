@@ -45,11 +45,12 @@ strategies:
     assert json.loads((out / "results.json").read_text())["timings"] == {}
 
     # a stopped run: --results-only tabulates the arms evaluated so far and names the others
-    shutil.rmtree(out / "sampled" / "eval")
+    sampled_eval = (out / "sampled" / "eval").resolve()
+    shutil.rmtree(sampled_eval)
     assert main(["experiment", str(config), "--results-only"]) == 0
     partial = json.loads((out / "results.json").read_text())
     assert list(partial["rows"]) == ["baseline", "gold"] and partial["missing"] == ["sampled"]
-    assert not (out / "sampled" / "eval").exists()  # nothing was run
+    assert not sampled_eval.exists()  # nothing was run
     assert "Not evaluated yet: sampled." in (out / "results.md").read_text()
 
 
@@ -78,16 +79,17 @@ strategies:
     assert json.loads((out / "results.json").read_text())["timings"] == {}
 
 
-def test_a_step_that_raises_is_still_timed():
+def test_a_step_that_raises_is_still_timed(tmp_path):
     import pytest
 
     from sempa_train.assessment import GateError
-    from sempa_train.experiment import _timed
+    from sempa_train.plan import Execution, RunConfig, execute
+    from sempa_train.store import Store
 
-    def failing_gate() -> None:
+    def failing_gate(step) -> None:
         raise GateError("quality gate failed")
 
-    timings: dict[str, float] = {}
+    record = Execution()
     with pytest.raises(GateError):
-        _timed("gold: evaluate", timings, failing_gate)
-    assert list(timings) == ["gold: evaluate"] and timings["gold: evaluate"] >= 0
+        execute(RunConfig(), Store(tmp_path), stages=["evaluate"], runner=failing_gate, record=record)
+    assert list(record.seconds) == ["evaluate"] and record.seconds["evaluate"] >= 0

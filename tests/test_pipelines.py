@@ -109,12 +109,53 @@ def test_bad_parameters_fail_before_any_stage(prefect_harness, tmp_path):
 
 
 def test_task_logic_through_fn(prefect_harness, tmp_path):
-    from pipelines.tasks import prepare_task
+    from pipelines.tasks import stage_task
     from sempa_train.config import PrepareConfig
+    from sempa_train.plan import RunConfig, Step, stage
 
     out = tmp_path / "prep"
-    assert prepare_task.fn(PrepareConfig(source=str(SAMPLE_NLI)), str(out), "k") == str(out)
+    step = Step(stage("prepare"), RunConfig(prepare=PrepareConfig(source=str(SAMPLE_NLI))), {}, out, "k")
+    assert stage_task.fn(step) == str(out)
     assert pl.read_parquet(out / "preferences" / "data.parquet").height == 64
     mtime = (out / "triples" / "data.parquet").stat().st_mtime_ns
-    prepare_task.fn(PrepareConfig(source=str(SAMPLE_NLI)), str(out), "k")  # complete output: reused
+    stage_task.fn(step)  # complete output: reused
     assert (out / "triples" / "data.parquet").stat().st_mtime_ns == mtime
+
+
+def test_the_three_runners_produce_the_same_datasets_and_adapter(prefect_harness, tiny_model_dir, tmp_path):
+    """``sempa run``, the Prefect flow and an experiment arm run one plan: equal data hashes, equal adapters."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from pipelines.flows import sempa
+    from sempa_train.experiment import run_experiment
+    from sempa_train.plan import RunConfig
+    from sempa_train.workflow import run_method
+
+    senteval = make_senteval(tmp_path / "senteval")
+    params = tiny_params(tiny_model_dir, senteval, tmp_path / "flow", max_steps=3, learning_rate=0.05)
+    sections = {k: v for k, v in params.items() if k not in ("model", "root", "dataset")}
+
+    flow_out = sempa(**params)
+    flow = {"version": Path(flow_out["dataset_version"]), "adapter": Path(flow_out["model_dir"]) / "adapter"}
+    run_method(RunConfig.build(overrides=sections, model=params["model"]), tmp_path / "run")
+    run = {"version": tmp_path / "run", "adapter": tmp_path / "run" / "model" / "adapter"}
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({"out": str(tmp_path / "exp"), "model": params["model"], **sections,
+                                      "strategies": {"arm": {}}}))
+    run_experiment(config)
+    arm = {"version": tmp_path / "exp" / "arm", "adapter": tmp_path / "exp" / "arm" / "model" / "adapter"}
+
+    def data_hashes(parts: dict[str, Path]) -> dict[str, str]:
+        triples = parts["version"] / ("triples" if parts is flow else "data/triples")
+        return {name: json.loads((path / "manifest.json").read_text())["data_sha256"] for name, path in
+                (("triples", triples), ("candidates", parts["version"] / "candidates"),
+                 ("preferences", parts["version"] / "preferences"))}
+
+    assert data_hashes(flow) == data_hashes(run) == data_hashes(arm)
+    weights = [load_file(parts["adapter"] / "adapter_model.safetensors") for parts in (flow, run, arm)]
+    assert any(float(w.abs().max()) > 0 for name, w in weights[0].items() if "lora_B" in name)  # it trained
+    for other in weights[1:]:
+        assert other.keys() == weights[0].keys()
+        for name, w in weights[0].items():
+            assert float((other[name] - w).abs().max()) <= 1e-6, name

@@ -18,3 +18,14 @@ def test_ci_runs_the_readme_test_command():
 def test_install_pins_cpu_torch_in_the_same_command():
     for command in readme_commands():
         assert "pip install torch==2.13.0 -e " in command
+
+
+def test_the_library_never_imports_prefect_or_the_pipelines():
+    import ast
+
+    for path in (REPO / "sempa_train").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] not in ("prefect", "prefect_dask", "pipelines"), f"{path}: imports {name}"

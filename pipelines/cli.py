@@ -1,0 +1,69 @@
+"""The ``sempa`` console script: the library's commands (``sempa_train.cli``) plus ``sempa prefect``.
+
+``sempa prefect up|run|status|down`` manages a local Prefect server, work pool, deployments and
+worker (``pipelines.local``); it lives here so that the library never imports Prefect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sempa_train import cli
+
+
+def add_prefect_command(sub: Any) -> None:
+    p = sub.add_parser("prefect", help="local Prefect: up (server, pool, deployments, worker), run, status, down",
+                       description="Set up Prefect locally in one step: `up` starts a server on 127.0.0.1 "
+                       "(embedded SQLite), creates the process work pool, deploys flows.yaml, starts a worker and "
+                       "points the active Prefect profile at the server. `run NAME` runs a deployment and waits "
+                       "(prefect deployment run sempa/NAME --watch). `down` stops what `up` started.")
+    p.add_argument("action", choices=("up", "run", "status", "down"))
+    p.add_argument("deployment", nargs="?", default="full", help="for run: full, refresh or evaluate")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
+                   help="for run: a flow parameter, value in JSON (repeatable)")
+    p.add_argument("--port", type=int, default=4200, help="server port on 127.0.0.1 (default 4200)")
+    p.add_argument("--state-dir", type=Path, default=Path("outputs/prefect"), help="pid files and logs")
+
+
+def prefect_command(args: argparse.Namespace) -> None:
+
+    from pipelines.local import LocalPrefect, PrefectUnavailableError
+
+    local = LocalPrefect(port=args.port, state_dir=args.state_dir)
+    try:
+        if args.action == "up":
+            local.up()
+            print(f"Prefect server: {local.api_url.removesuffix('/api')} (UI); worker on pool {local.pool}")
+            print("run the pipeline:  prefect deployment run sempa/full --watch")
+            print("stop everything:   sempa prefect down")
+        elif args.action == "run":
+            params = {}
+            for item in args.param:
+                key, _, value = item.partition("=")
+                try:
+                    params[key] = json.loads(value)
+                except json.JSONDecodeError:
+                    params[key] = value
+            code = local.run_deployment(args.deployment, params)
+            if code != 0:
+                raise RuntimeError(f"deployment sempa/{args.deployment} did not complete (exit code {code})")
+        elif args.action == "status":
+            print(json.dumps(local.status(), indent=2))
+        else:
+            local.down()
+            print("stopped the worker and the server started by `sempa prefect up`")
+    except PrefectUnavailableError as e:
+        raise RuntimeError(str(e)) from e
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(argv, extend=add_prefect_command, commands={"prefect": prefect_command})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
