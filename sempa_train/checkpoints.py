@@ -104,7 +104,7 @@ def probe(model: Any, tokenizer: Any, probes: Probes, *, bf16: bool = False) -> 
             ppl = perplexity(model, tokenizer, probes.texts)
             similarity = None
             if probes.paraphrases:
-                from sempa_train.sampling import TransformersBackend
+                from sempa_train.generation import TransformersBackend
 
                 similarity = paraphrase_probe(TransformersBackend(model, tokenizer), tokenizer,
                                               probes.texts[: probes.paraphrases], _similarity_encoder(),

@@ -390,6 +390,18 @@ BACKENDS = ("auto", "vllm", "transformers")
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerationParams:
+    """How a backend decodes: what ``GenerationBackend.generate`` needs, and nothing about models or shards."""
+
+    n: int = 1
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    max_tokens: int = 64
+    stop_at_newline: bool = False
+    batch_size: int = 16  # prompts per generate call (transformers)
+
+
+@dataclasses.dataclass(frozen=True)
 class SampleConfig(StageConfig):
     """On-policy paraphrase candidates: n samples per premise from the policy model.
 
@@ -441,6 +453,12 @@ class SampleConfig(StageConfig):
             _check_positive("max_premises", self.max_premises)
         if self.max_num_seqs is not None:
             _check_positive("max_num_seqs", self.max_num_seqs)
+
+    @property
+    def generation(self) -> GenerationParams:
+        """The decoding part of this config."""
+        return GenerationParams(n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                                stop_at_newline=self.stop_at_newline, batch_size=self.batch_size)
 
 
 STRATEGIES = ("gold", "sampled", "hybrid")

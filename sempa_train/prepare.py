@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sempa_train.config import PrepareConfig
 from sempa_train.io import atomic_dir, file_sha256, write_dataset
-from sempa_train.ranking import gold_preferences
+from sempa_train.preferences import gold_preferences
 from sempa_train.sources import SourceError, group_triples, read_nli
 
 log = logging.getLogger(__name__)

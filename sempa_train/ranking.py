@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,82 +26,13 @@ from typing import Any
 import polars as pl
 
 from sempa_train.config import RankConfig
-from sempa_train.io import read_dataset, read_manifest, text_id, write_dataset
+from sempa_train.io import read_dataset, read_manifest, write_dataset
+from sempa_train.preferences import gold_row, preference_row
 from sempa_train.schemas import PREFERENCE_SCHEMA
 from sempa_train.scoring import Scorer
-from sempa_train.templates import fill, resolve_template
+from sempa_train.text import normalize_text
 
 log = logging.getLogger(__name__)
-
-_NON_WORD = re.compile(r"[^\w\s']+")
-_SPACES = re.compile(r"\s+")
-
-
-def normalize_text(text: str) -> str:
-    """Lowercase, punctuation removed, whitespace collapsed: the form used for copy, duplicate and
-    contamination checks."""
-    return _SPACES.sub(" ", _NON_WORD.sub(" ", text.lower())).strip()
-
-
-def preference_row(
-    *,
-    premise_id: str,
-    premise: str,
-    template: str,
-    chosen: str,
-    rejected: str,
-    chosen_origin: str,
-    rejected_origin: str,
-    strategy: str,
-    source: str,
-    chosen_score: float | None = None,
-    rejected_score: float | None = None,
-    chosen_row: int | None = None,
-    rejected_row: int | None = None,
-) -> dict[str, object]:
-    """One row of ``PREFERENCE_SCHEMA``; ``template`` is a template name or custom text."""
-    template_id, template_text = resolve_template(template)
-    prompt = fill(template_text, premise)
-    margin = None if chosen_score is None or rejected_score is None else chosen_score - rejected_score
-    return {
-        "pair_id": text_id(prompt, chosen, rejected),
-        "premise_id": premise_id,
-        "premise": premise,
-        "prompt": prompt,
-        "chosen": chosen,
-        "rejected": rejected,
-        "chosen_origin": chosen_origin,
-        "rejected_origin": rejected_origin,
-        "chosen_score": chosen_score,
-        "rejected_score": rejected_score,
-        "margin": margin,
-        "template_id": template_id,
-        "strategy": strategy,
-        "source": source,
-        "chosen_row": chosen_row,
-        "rejected_row": rejected_row,
-    }
-
-
-def gold_preferences(triples: pl.DataFrame, template: str = "P1") -> pl.DataFrame:
-    """The paper's preference table: prompt = template(premise), chosen = entailment, rejected = contradiction."""
-    rows = [gold_row(t, template=template, strategy="gold") for t in triples.iter_rows(named=True)]
-    return pl.DataFrame(rows, schema=PREFERENCE_SCHEMA)
-
-
-def gold_row(triple: dict[str, Any], *, template: str, strategy: str,
-             scores: dict[tuple[str, str], float] | None = None) -> dict[str, object]:
-    """The gold pair of one NLI triple (entailment over contradiction), scored when ``scores`` has them."""
-    premise, scores = triple["premise"], scores or {}
-    return preference_row(
-        premise_id=triple["premise_id"], premise=premise, template=template,
-        chosen=triple["entailment"], rejected=triple["contradiction"], chosen_origin="gold", rejected_origin="gold",
-        strategy=strategy, source=triple["source"],
-        chosen_score=scores.get((premise, triple["entailment"])),
-        rejected_score=scores.get((premise, triple["contradiction"])),
-        chosen_row=triple["entailment_row"], rejected_row=triple["contradiction_row"],
-    )
-
 
 def filter_candidates(
     premise: str, candidates: list[tuple[str, str]], cfg: RankConfig

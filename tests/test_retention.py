@@ -6,9 +6,9 @@ import torch
 
 from sempa_train.assessment import gate_failures
 from sempa_train.config import GateConfig
+from sempa_train.generation import TransformersBackend
 from sempa_train.models import load_causal_lm
 from sempa_train.retention import compare, held_out_texts, lm_eval_probe, paraphrase_probe, perplexity
-from sempa_train.sampling import TransformersBackend
 
 
 def test_held_out_texts_from_txt_and_jsonl(tmp_path):

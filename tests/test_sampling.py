@@ -8,25 +8,14 @@ import polars as pl
 import pytest
 
 from sempa_train.config import PrepareConfig, SampleConfig
+from sempa_train.generation import Generation, TransformersBackend, VLLMBackend, build_backend, vllm_available
 from sempa_train.io import read_dataset
 from sempa_train.models import load_tokenizer
 from sempa_train.prepare import prepare
-from sempa_train.sampling import (
-    Generation,
-    TransformersBackend,
-    VLLMBackend,
-    build_backend,
-    clean_candidate,
-    paraphrase_prompt,
-    plan_shards,
-    premise_seed,
-    run_shards,
-    sample_candidates,
-    vllm_available,
-    work_dir_for,
-)
+from sempa_train.sampling import plan_shards, premise_seed, run_shards, sample_candidates, work_dir_for
 from sempa_train.schemas import CANDIDATES_SCHEMA
 from sempa_train.templates import PARAPHRASE_TEMPLATES
+from sempa_train.text import clean_candidate, paraphrase_prompt
 
 REQUIRE_VLLM = os.environ.get("SEMPA_REQUIRE_VLLM") == "1"  # set by .ci/run: no silent skip in CI
 
@@ -85,13 +74,13 @@ def cfg_for(model_dir, **kw) -> SampleConfig:
 def check_contract(backend, tokenizer, cfg):
     prompts = tokenizer(["<|im_start|>user\nA dog runs.<|im_end|>\n<|im_start|>assistant\n", "Hi there.\n"],
                         add_special_tokens=False)["input_ids"]
-    out = backend.generate(prompts, [1, 2], cfg)
+    out = backend.generate(prompts, [1, 2], cfg.generation)
     assert len(out) == 2 and all(len(gens) == cfg.n for gens in out)
     for g in (g for gens in out for g in gens):
         assert isinstance(g, Generation) and isinstance(g.text, str)
         assert 1 <= g.completion_tokens <= cfg.max_tokens and g.finish_reason in ("stop", "length")
         assert g.finish_reason == "stop" or g.completion_tokens == cfg.max_tokens
-    assert backend.generate(prompts, [1, 2], cfg) == out  # seeded: reproducible
+    assert backend.generate(prompts, [1, 2], cfg.generation) == out  # seeded: reproducible
     return out
 
 
@@ -111,7 +100,7 @@ def test_vllm_backend_contract_and_sample(tiny_model_dir, tiny_triples, tmp_path
     out = check_contract(backend, load_tokenizer(tiny_model_dir), cfg)
     # per-request seeds: a prompt's output does not depend on its batch
     alone = backend.generate(load_tokenizer(tiny_model_dir)(["Hi there.\n"], add_special_tokens=False)["input_ids"],
-                             [2], cfg)
+                             [2], cfg.generation)
     assert alone[0] == out[1]
     backend.close()
     # the stage itself, engine in a child process
@@ -204,7 +193,7 @@ def test_kill_9_midway_then_resume(tiny_model_dir, tiny_triples, tmp_path):
 
 
 def test_auto_backend_follows_the_measurements(monkeypatch):
-    import sempa_train.sampling as sampling
+    import sempa_train.generation as sampling
 
     monkeypatch.setattr(sampling, "vllm_available", lambda: True)
     monkeypatch.setattr(sampling.torch.cuda, "is_available", lambda: False)
@@ -228,7 +217,7 @@ def test_busy_cores_sees_another_process():
     import subprocess
     import sys
 
-    from sempa_train.sampling import busy_cores
+    from sempa_train.generation import busy_cores
 
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -254,9 +243,9 @@ def test_stop_at_newline_ends_candidates_at_their_first_line(tiny_model_dir, mon
 
     monkeypatch.setattr(backend.model, "generate", fake_generate)
     prompt = tokenizer(["Say it.\n"], add_special_tokens=False)["input_ids"]
-    free = backend.generate(prompt, [0], cfg)[0][0]
+    free = backend.generate(prompt, [0], cfg.generation)[0][0]
     assert (free.completion_tokens, free.finish_reason) == (6, "length") and "\n" in free.text.strip()
-    stopped = backend.generate(prompt, [0], cfg.replace(stop_at_newline=True))[0][0]
+    stopped = backend.generate(prompt, [0], cfg.replace(stop_at_newline=True).generation)[0][0]
     assert (stopped.completion_tokens, stopped.finish_reason) == (3, "stop")
     assert stopped.text == tokenizer.decode(answer[:3], skip_special_tokens=True)
     assert "stop_strings" not in calls[0] and calls[1]["stop_strings"] == ["\n"]  # transformers stops early too

@@ -29,10 +29,12 @@ import time
 from common import save
 
 from sempa_train.config import SampleConfig
+from sempa_train.generation import build_backend, choose_backend
 from sempa_train.models import load_tokenizer, resolve_model, use_chat_template
-from sempa_train.sampling import build_backend, choose_backend, paraphrase_prompt, premise_seed
+from sempa_train.sampling import premise_seed
 from sempa_train.sources import group_triples, read_nli
 from sempa_train.templates import PARAPHRASE_TEMPLATES
+from sempa_train.text import paraphrase_prompt
 
 
 def main() -> None:
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
         results[name] = {"startup_seconds": round(startup, 1)}
         for size in sizes:
             start = time.perf_counter()
-            generations = backend.generate(prompts[:size], seeds[:size], cfg)
+            generations = backend.generate(prompts[:size], seeds[:size], cfg.generation)
             seconds = time.perf_counter() - start
             candidates = sum(len(g) for g in generations)
             tokens = sum(c.completion_tokens for g in generations for c in g)
