@@ -3,6 +3,7 @@
     prefect deployment run sempa/full        # the whole pipeline (deployments in flows.yaml)
     prefect deployment run sempa/refresh     # prepare + sample + rank → a new dataset version
     prefect deployment run sempa/evaluate -p model=smollm2-135m-instruct -p adapter=PATH
+    prefect deployment run sempa-experiment/sweep -p config=sempa_train/configs/experiments/FILE.yaml
 
 Run it without a server: ``python -m pipelines.flows`` (the built-in defaults).
 
@@ -68,6 +69,17 @@ def sempa(
         print(outputs["sts"]["table"])
     outputs_artifact({k: v for k, v in outputs.items() if isinstance(v, str)})
     return outputs
+
+
+@flow(name="sempa-experiment", log_prints=True)
+def experiment(config: str, results_only: bool = False) -> dict[str, Any]:
+    """Run (or resume) an experiment or sweep YAML (``sempa experiment``'s format): every arm is the stage plan
+    with one task per stage, so arms share the stages whose keys are equal and a stopped sweep resumes."""
+    from sempa_train.experiment import results_table, run_experiment
+
+    results = run_experiment(Path(config), run=not results_only, runner=run_in_prefect)
+    print(results_table(results))
+    return {"rows": results["rows"], "missing": results["missing"], "failed": results["failed"]}
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Compare arms under the same budget: ``sempa experiment CONFIG.yaml``, a runner of the one stage plan.
 
 The config has a run config's sections (``prepare``, ``sample``, ``rank``, ``train``, ``eval``,
-``embed``, ``retention``, ``gates``) shared by every arm, plus ``name``, ``out``, ``model`` and
-``strategies``: a mapping from arm name to section overrides. Each arm is the plan (``sempa_train.plan``)
+``embed``, ``retention``, ``gates``) shared by every arm, plus ``name``, ``out``, ``model`` and the
+arms: ``strategies`` (arm name → section overrides) and/or ``grid`` (``SECTION.FIELD`` → list of
+values; one arm per combination). Each arm is the plan (``sempa_train.plan``)
 run with its own config in one store under ``out``; stages whose content keys are equal across arms
 (preparation, sampling, an untuned baseline) run once, and every finished stage is reused when the
 experiment is started again, so a long run that stops resumes where it stopped. The baseline is the
@@ -13,8 +14,10 @@ the gate); ``out/<arm>/`` (and ``out/baseline/eval``) link to the arm's stage fo
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +30,51 @@ from sempa_train.plan import (
     STAGE_NAMES,
     Execution,
     RunConfig,
+    Runner,
     execute,
     link_outputs,
     merge_sections,
     read_yaml_mapping,
+    run_step,
 )
 from sempa_train.report import plot_pareto
 from sempa_train.store import Store
 
 log = logging.getLogger(__name__)
 
+
+def expand_grid(grid: Mapping[str, Sequence[Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Arms from a grid: ``{"train.loss_type": [sigmoid, apo_zero], "train.learning_rate": [1e-4, 3e-4]}`` →
+    one arm per combination, named ``loss_type=sigmoid,learning_rate=0.0001``, as section overrides."""
+    for key, values in grid.items():
+        if key.count(".") != 1 or key.split(".")[0] not in SECTIONS:
+            raise ValueError(f"grid key {key!r} must be SECTION.FIELD with a section of {', '.join(SECTIONS)}")
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"grid key {key!r} needs a non-empty list of values")
+    arms: dict[str, dict[str, dict[str, Any]]] = {}
+    for combination in itertools.product(*grid.values()):
+        name = ",".join(f"{key.split('.')[1]}={value}" for key, value in zip(grid, combination, strict=True))
+        overrides: dict[str, dict[str, Any]] = {}
+        for key, value in zip(grid, combination, strict=True):
+            section, field = key.split(".")
+            overrides.setdefault(section, {})[field] = value
+        arms[name] = overrides
+    return arms
+
+
 def load_experiment(path: Path) -> tuple[str, Path, RunConfig, dict[str, RunConfig]]:
     """``(name, out, shared config, {arm: config})`` from an experiment YAML file."""
     path = Path(path)
     values = read_yaml_mapping(path, "an experiment config")
-    name, out, arms = values.pop("name", path.stem), values.pop("out", None), values.pop("strategies", None)
+    name, out, arms = values.pop("name", path.stem), values.pop("out", None), dict(values.pop("strategies", None) or {})
+    try:
+        for arm, overrides in expand_grid(values.pop("grid", None) or {}).items():
+            arms.setdefault(arm, overrides)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     if not out or not arms:
-        raise ValueError(f"{path}: an experiment needs 'out' (a folder) and 'strategies' (arm → overrides)")
+        raise ValueError(f"{path}: an experiment needs 'out' (a folder) and arms: 'strategies' (arm → overrides) "
+                         "and/or 'grid' (SECTION.FIELD → list of values)")
     if "baseline" in arms:
         raise ValueError(f"{path}: 'baseline' names the untuned model's row; call the arm something else")
     model = values.pop("model", None)
@@ -59,7 +90,7 @@ def load_experiment(path: Path) -> tuple[str, Path, RunConfig, dict[str, RunConf
     return name, Path(out), base, configs
 
 
-def run_experiment(path: Path, *, run: bool = True) -> dict[str, Any]:
+def run_experiment(path: Path, *, run: bool = True, runner: Runner = run_step) -> dict[str, Any]:
     """Run (or resume) every arm of the experiment at ``path`` and write the results table.
 
     ``run=False`` runs nothing: it writes the table of the arms already evaluated (of a run that
@@ -74,7 +105,7 @@ def run_experiment(path: Path, *, run: bool = True) -> dict[str, Any]:
         stages = ("evaluate",) if arm == "baseline" else STAGE_NAMES
         runs[arm] = Execution()
         try:
-            execute(cfg, store, stages=stages, run=run, record=runs[arm])
+            execute(cfg, store, stages=stages, run=run, record=runs[arm], runner=runner)
         except RecordedFailure as e:  # recorded beside the stage's folder; the other arms still run
             log.warning("experiment: %s: %s", arm, e)
             failed[arm] = str(e)

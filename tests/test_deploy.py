@@ -39,6 +39,7 @@ def test_deployment_run_full_completes(local_prefect, tiny_model_dir, tmp_path):
     assert status["server_healthy"] and status["worker_running"]
     deployments = local_prefect.prefect("deployment", "ls").stdout
     assert "sempa/full" in deployments and "sempa/refresh" in deployments and "sempa/evaluate" in deployments
+    assert "sempa-experiment/sweep" in deployments
 
     root = tmp_path / "store"
     params = {

@@ -93,3 +93,21 @@ def test_a_step_that_raises_is_still_timed(tmp_path):
     with pytest.raises(GateError):
         execute(RunConfig(), Store(tmp_path), stages=["evaluate"], runner=failing_gate, record=record)
     assert list(record.seconds) == ["evaluate"] and record.seconds["evaluate"] >= 0
+
+
+def test_grid_expands_to_one_arm_per_combination(tmp_path):
+    import pytest
+
+    from sempa_train.experiment import expand_grid, load_experiment
+
+    arms = expand_grid({"train.loss_type": ["sigmoid", "apo_zero"], "train.learning_rate": [1e-4, 3e-4]})
+    assert list(arms)[0] == "loss_type=sigmoid,learning_rate=0.0001" and len(arms) == 4
+    assert arms["loss_type=apo_zero,learning_rate=0.0003"] == {"train": {"loss_type": "apo_zero",
+                                                                         "learning_rate": 3e-4}}
+    config = tmp_path / "sweep.yaml"
+    config.write_text("out: x\nrank: {strategy: gold}\ngrid: {train.beta: [0.1, 0.5]}\n"
+                      "strategies: {plain: {}}\n")
+    _, _, _, configs = load_experiment(config)
+    assert list(configs) == ["plain", "beta=0.1", "beta=0.5"] and configs["beta=0.5"].train.beta == 0.5
+    with pytest.raises(ValueError, match="grid key 'beta' must be SECTION.FIELD"):
+        expand_grid({"beta": [0.1]})

@@ -40,13 +40,18 @@ def tiny_params(tiny_model_dir: Path, senteval: Path, root: Path, **train) -> di
     }
 
 
-def task_states(flow_run_id) -> dict[str, str]:
+def task_runs(flow_run_id) -> list[tuple[str, str]]:
+    """``(task name, state)`` of every task run of a flow run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+    return [(run.name.rsplit("-", 1)[0], run.state.name) for run in runs]
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    return dict(task_runs(flow_run_id))
 
 
 def test_full_flow_fails_at_train_then_resumes_from_cache(prefect_harness, tiny_model_dir, tmp_path):
@@ -159,3 +164,24 @@ def test_the_three_runners_produce_the_same_datasets_and_adapter(prefect_harness
         assert other.keys() == weights[0].keys()
         for name, w in weights[0].items():
             assert float((other[name] - w).abs().max()) <= 1e-6, name
+
+
+def test_experiment_flow_runs_a_sweep_with_a_task_per_stage(prefect_harness, tiny_model_dir, tmp_path):
+    import yaml
+
+    from pipelines.flows import experiment
+
+    senteval = make_senteval(tmp_path / "senteval")
+    params = tiny_params(tiny_model_dir, senteval, tmp_path)
+    sections = {k: v for k, v in params.items() if k not in ("model", "root", "dataset", "sample")}
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({"out": str(tmp_path / "sweep"), "model": params["model"], **sections,
+                                      "rank": {"strategy": "gold"}, "grid": {"train.beta": [0.1, 0.5]}}))
+    state = experiment(str(config), return_state=True)
+    assert state.is_completed(), state
+    assert list(state.result()["rows"]) == ["baseline", "beta=0.1", "beta=0.5"]
+    names = [name for name, _ in task_runs(state.state_details.flow_run_id)]
+    assert names.count("prepare") == 2 and names.count("train") == 2  # one task per stage per arm
+    assert names.count("evaluate") == 3  # the baseline and each arm
+    second = experiment(str(config), return_state=True)
+    assert {s for _, s in task_runs(second.state_details.flow_run_id)} == {"Cached"}  # resumed: nothing re-ran
