@@ -7,8 +7,9 @@ Reads ``DIR/summary.json`` (written by the evaluation stage) and the files it po
 * ``stsb_scatter.png`` — predicted cosine against gold score on STS-B (base and tuned);
 * ``training.png`` — DPO reward margin, reward accuracy and the chosen/rejected log-prob change against the
   reference per logged step (when a train log is known);
-* ``checkpoints.png`` — probed STS-B subset and perplexity ratio against steps, the gate and the
-  selected checkpoint (when training probed checkpoints: ``checkpoints.jsonl`` beside the train log);
+* ``checkpoints.png`` — probed STS-B subset, perplexity ratio and paraphrase-similarity change against
+  steps, the gates and the selected checkpoint (when training probed checkpoints: ``checkpoints.jsonl``
+  beside the train log);
 * ``scores.png`` — chosen and rejected score distributions of the training data (when scored).
 """
 
@@ -104,8 +105,9 @@ def plot_training(log_file: Path, path: Path) -> bool:
 
 
 def plot_checkpoints(probes_file: Path, path: Path) -> bool:
-    """STS-B probe and perplexity ratio of every probed step (scale 1), and each probed scale of the best-STS
-    step, with the selection gate; the model's ``metrics.json`` names the selected step and scale."""
+    """STS-B probe, perplexity ratio and (when probed) greedy-paraphrase similarity change of every probed step
+    (scale 1), and each probed scale of the best-STS step, with the selection gates; the model's ``metrics.json``
+    names the selected step and scale."""
     rows = [json.loads(line) for line in probes_file.read_text().splitlines() if line.strip()]
     steps = sorted((r for r in rows if r["scale"] == 1.0), key=lambda r: r["step"])
     if len(steps) < 2:
@@ -114,27 +116,28 @@ def plot_checkpoints(probes_file: Path, path: Path) -> bool:
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     config_file = probes_file.with_name("config.json")
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    gate, split = config.get("select_max_perplexity_ratio"), config.get("eval_sts_split", "dev")
+    split = config.get("eval_sts_split", "dev")
+    panels = [("sts_spearman", f"STS-B {split} subset (Spearman x 100)", None, "tab:blue"),
+              ("perplexity_ratio", "held-out perplexity / base", config.get("select_max_perplexity_ratio"),
+               "tab:red")]
+    if any(r.get("paraphrase_delta") is not None for r in rows):
+        panels.append(("paraphrase_delta", "greedy-paraphrase similarity - base",
+                       config.get("select_min_paraphrase_delta"), "tab:green"))
     plt = _plt()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4))
     x = [r["step"] for r in steps]
-    left.plot(x, [r["sts_spearman"] for r in steps], marker="o", label="STS-B probe")
-    right.plot(x, [r["perplexity_ratio"] for r in steps], marker="o", color="tab:red", label="perplexity ratio")
-    if gate is not None:
-        right.axhline(gate, color="tab:red", ls="--", lw=0.8, label=f"gate {gate}")
-    if "selected_step" in metrics:
-        for ax in (left, right):
+    for ax, (key, title, gate, color) in zip(axes, panels, strict=True):
+        ax.plot(x, [r[key] for r in steps], marker="o", color=color, label=key.replace("_", " "))
+        if gate is not None:
+            ax.axhline(gate, color=color, ls="--", lw=0.8, label=f"gate {gate}")
+        if "selected_step" in metrics:
             ax.axvline(metrics["selected_step"], color="grey", ls=":", lw=1, label="selected step")
-    left.set_title(f"STS-B {split} subset (Spearman x 100)")
-    right.set_title("held-out perplexity / base")
-    for ax in (left, right):
+        for r in (r for r in rows if r["scale"] != 1.0 and r.get(key) is not None):  # the best step, rescaled
+            ax.plot([r["step"]], [r[key]], "k.")
+            ax.annotate(f"x{r['scale']:g}", (r["step"], r[key]), fontsize=7)
+        ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    for r in (r for r in rows if r["scale"] != 1.0):  # the chosen step's adapter at other scales
-        left.plot([r["step"]], [r["sts_spearman"]], "k.")
-        left.annotate(f"x{r['scale']:g}", (r["step"], r["sts_spearman"]), fontsize=7)
-        right.plot([r["step"]], [r["perplexity_ratio"]], "k.")
-        right.annotate(f"x{r['scale']:g}", (r["step"], r["perplexity_ratio"]), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

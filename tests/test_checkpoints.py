@@ -118,3 +118,13 @@ def test_adapter_scaling_at_one_is_the_adapter_and_at_zero_the_base_model(tiny_m
         again = model(input_ids=ids).logits
     torch.testing.assert_close(zero, plain)
     torch.testing.assert_close(again, full)  # the context restores the trained weights
+
+
+def test_checkpoint_plot_has_a_panel_per_probe(trained, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from sempa_train.report import plot_checkpoints
+
+    _, result = trained
+    assert plot_checkpoints(result.out_dir / "checkpoints.jsonl", tmp_path / "c.png")
+    assert plt.imread(tmp_path / "c.png").shape[1] == 3 * 5 * 110  # STS, perplexity ratio, paraphrase change
