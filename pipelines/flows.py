@@ -7,9 +7,9 @@
 
 Run it without a server: ``python -m pipelines.flows`` (the built-in defaults).
 
-Parameters: ``stages`` (which stages run), ``config`` (a YAML run config: sections prepare, sample,
-rank, train, eval, embed, retention, gates, cluster), ``preset`` (train preset), one override mapping
-per section, ``model`` (the policy everywhere), ``adapter`` (for evaluate-only runs), ``dataset``
+Parameters: ``stages`` (which stages run), ``config`` (a YAML run config: sections policy, prepare,
+sample, rank, train, eval, embed, retention, gates, cluster), ``preset`` (train preset), one override
+mapping per section, ``model`` (the policy's model), ``adapter`` (for evaluate-only runs), ``dataset``
 (name of the versioned dataset) and ``root`` (the store folder, relative to the working directory).
 The library validates them before any stage runs. The stage sequence, the content keys and the
 folder layout are the library's (``sempa_train.plan``); this module only says how a step runs.
@@ -35,6 +35,7 @@ def sempa(
     stages: list[Stage] = list(STAGE_NAMES),  # noqa: B006, B008 - Prefect copies parameters per run
     config: str | None = None,
     preset: Literal["cpu", "paper"] = "cpu",
+    policy: dict[str, Any] | None = None,
     prepare: dict[str, Any] | None = None,
     sample: dict[str, Any] | None = None,
     rank: dict[str, Any] | None = None,
@@ -50,8 +51,8 @@ def sempa(
     root: str = "outputs/pipeline",
 ) -> dict[str, Any]:
     """Run the selected stages; returns the paths it produced (and the STS summary when it evaluated)."""
-    sections = {"prepare": prepare, "sample": sample, "rank": rank, "train": train, "eval": eval, "embed": embed,
-                "retention": retention, "gates": gates, "cluster": cluster}
+    sections = {"policy": policy, "prepare": prepare, "sample": sample, "rank": rank, "train": train, "eval": eval,
+                "embed": embed, "retention": retention, "gates": gates, "cluster": cluster}
     cfg = RunConfig.build(config, preset=preset, overrides={k: v for k, v in sections.items() if v}, model=model)
     store = Store(root)
     given = {"adapter": Path(adapter)} if adapter else {}

@@ -50,12 +50,13 @@ class Probes:
 
     sts: STSSubset
     texts: list[str]
-    paraphrases: int = 0  # the first N texts are also paraphrased greedily (0: no paraphrase probe)
+    paraphrase_sources: tuple[str, ...] = ()  # paraphrased greedily at each probe (empty: no paraphrase probe)
+    template: str = "P1"
     chat: bool = True
 
     @classmethod
     def load(cls, senteval_dir: str | Path, pairs: int, text_file: str | Path, texts: int, seed: int = 0,
-             split: str = "train", paraphrases: int = 0, chat: bool = True) -> Probes:
+             split: str = "train", paraphrases: int = 0, template: str = "P1", chat: bool = True) -> Probes:
         """A seeded subset of ``pairs`` STS-B pairs of ``split`` and the first ``texts`` held-out texts (of which
         the first ``paraphrases`` are paraphrased at each probe)."""
         dev = load_senteval_task(Path(senteval_dir), "STSBenchmark", split)[0]
@@ -63,8 +64,9 @@ class Probes:
         idx = np.sort(rng.choice(len(dev), size=min(pairs, len(dev)), replace=False))
         subset = STSSubset(task=dev.task, name=dev.name, split=dev.split, sent1=[dev.sent1[i] for i in idx],
                            sent2=[dev.sent2[i] for i in idx], scores=dev.scores[idx])
-        return cls(sts=subset, texts=held_out_texts(text_file, max(texts, paraphrases)), paraphrases=paraphrases,
-                   chat=chat)
+        held_out = held_out_texts(text_file, max(texts, paraphrases))
+        return cls(sts=subset, texts=held_out[:texts], paraphrase_sources=tuple(held_out[:paraphrases]),
+                   template=template, chat=chat)
 
 
 @dataclass(frozen=True)
@@ -103,12 +105,12 @@ def probe(model: Any, tokenizer: Any, probes: Probes, *, bf16: bool = False) -> 
             sts = spearman100(cosine(vectors[:n], vectors[n:]), probes.sts.scores)
             ppl = perplexity(model, tokenizer, probes.texts)
             similarity = None
-            if probes.paraphrases:
+            if probes.paraphrase_sources:
                 from sempa_train.generation import TransformersBackend
 
                 similarity = paraphrase_probe(TransformersBackend(model, tokenizer), tokenizer,
-                                              probes.texts[: probes.paraphrases], _similarity_encoder(),
-                                              chat=probes.chat)["similarity_mean"]
+                                              list(probes.paraphrase_sources), _similarity_encoder(),
+                                              template=probes.template, chat=probes.chat)["similarity_mean"]
     finally:
         model.train(was_training)
     return sts, ppl, similarity

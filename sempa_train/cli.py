@@ -249,8 +249,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
     out = args.out or Path("outputs") / f"run-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     summary = run_method(cfg, out, overwrite=args.overwrite)
     print(summary["sts"]["table"])
-    if summary["retention"]:
-        print(f"perplexity ratio (tuned / base): {summary['retention']['perplexity_ratio']:.3f}")
+    compare = (summary.get("retention") or {}).get("compare")
+    if compare:
+        print(f"perplexity ratio (tuned / base): {compare['perplexity_ratio']:.3f}")
     print(f"\nfinished in {summary['wall_seconds']:.0f}s; outputs in {out}/")
     for name, path in summary["outputs"].items():
         print(f"  {name:<12} {path}")

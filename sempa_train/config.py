@@ -39,7 +39,14 @@ def _check_positive(name: str, value: float | int, *, allow_zero: bool = False) 
 
 
 class StageConfig:
-    """Shared behaviour of the stage configs: dict round trip, files, CLI flags."""
+    """Shared behaviour of the stage configs: dict round trip, files, CLI flags, declared choices."""
+
+    def _check_choices(self) -> None:
+        """Every field declared with ``choices`` (``option(..., choices=...)``) holds one of them: the choices are
+        declared once, for validation and for the CLI."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.metadata.get("choices"):
+                _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -192,8 +199,7 @@ class PrepareConfig(StageConfig):
                                       "both an entailment and a contradiction)")
 
     def __post_init__(self) -> None:
-        _check_choice("source_format", self.source_format, SOURCE_FORMATS)
-        _check_choice("pairing", self.pairing, PAIRINGS)
+        self._check_choices()
         resolve_template(self.template)
         if self.max_premises is not None:
             _check_positive("max_premises", self.max_premises)
@@ -203,6 +209,25 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")  # TRL 1.x DPOTrainer
 CHAT_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig(StageConfig):
+    """The model being tuned and how it is prompted, stated once for a run.
+
+    ``RunConfig`` gives these values to every stage that runs the policy or writes its prompts
+    (sample, rank, train, retention, the policy scorer); a run config that sets one of them in a stage
+    section instead is refused, so the stages cannot disagree about the model or the prompt.
+    """
+
+    model: str = option("smollm2-135m-instruct", "policy model: built-in name, local folder, or Hub id")
+    template: str = option("P1", "paraphrase template: P1-P5 or a custom text with {sentence}")
+    chat_template: str = option("auto", "wrap prompts in the tokenizer's chat template (auto: when it has one)",
+                                choices=CHAT_MODES)
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        resolve_template(self.template)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +248,8 @@ class TrainConfig(StageConfig):
     """
 
     model: str = option("smollm2-135m-instruct", "policy model: built-in name, local folder, or Hub id")
+    template: str = option("P1", "paraphrase template of the in-training paraphrase probe (the training prompts "
+                           "come with the data)")
     chat_template: str = option("auto", "wrap prompt/answers in the tokenizer's chat template "
                                 "(auto: when the tokenizer has one)", choices=CHAT_MODES)
     device: str = option("auto", "auto picks cuda when available", choices=DEVICES)
@@ -283,8 +310,8 @@ class TrainConfig(StageConfig):
     save_merged: bool = option(False, "also save base+adapter merged into a plain model folder")
 
     def __post_init__(self) -> None:
-        _check_choice("chat_template", self.chat_template, CHAT_MODES)
-        _check_choice("device", self.device, DEVICES)
+        self._check_choices()
+        resolve_template(self.template)
         losses = self.loss_types
         for loss in losses:
             _check_choice("loss_type", loss, LOSS_TYPES)
@@ -307,7 +334,6 @@ class TrainConfig(StageConfig):
         if self.effective_batch_size is not None:
             _check_positive("effective_batch_size", self.effective_batch_size)
         _check_positive("eval_every", self.eval_every, allow_zero=True)
-        _check_choice("eval_sts_split", self.eval_sts_split, ("train", "dev"))
         if self.eval_every and not self.eval_senteval_dir:
             raise ValueError("eval_every needs eval_senteval_dir (the SentEval folder with STS-B)")
         for name in ("eval_sts_pairs", "eval_texts"):
@@ -360,9 +386,7 @@ class EmbedConfig(StageConfig):
     device: str = option("auto", "auto picks cuda when available", choices=DEVICES)
 
     def __post_init__(self) -> None:
-        _check_choice("embedding", self.embedding, EMBEDDINGS)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("device", self.device, DEVICES)
+        self._check_choices()
         _check_positive("batch_size", self.batch_size)
 
 
@@ -379,7 +403,7 @@ class EvalConfig(StageConfig):
                               "(keyed by model weights, tasks, split, embedding/retention config and data content)")
 
     def __post_init__(self) -> None:
-        _check_choice("split", self.split, SPLITS)
+        self._check_choices()
         if not self.tasks:
             raise ValueError("tasks must name at least one STS task")
         for task in self.tasks:
@@ -436,10 +460,7 @@ class SampleConfig(StageConfig):
     max_num_seqs: int | None = option(None, "vLLM: sequences decoded together (None: vLLM's default)")
 
     def __post_init__(self) -> None:
-        _check_choice("backend", self.backend, BACKENDS)
-        _check_choice("chat_template", self.chat_template, CHAT_MODES)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("device", self.device, DEVICES)
+        self._check_choices()
         resolve_template(self.template)
         for name in ("n", "max_tokens", "shard_size", "batch_size", "max_model_len", "tensor_parallel_size",
                      "data_parallel_size"):
@@ -496,9 +517,7 @@ class RankConfig(StageConfig):
     seed: int = option(0, "seed of the hybrid split")
 
     def __post_init__(self) -> None:
-        _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_choice("scorer", self.scorer, SCORERS)
-        _check_choice("rejected", self.rejected, REJECTED)
+        self._check_choices()
         resolve_template(self.template)
         if not 0 <= self.hybrid_fraction <= 1:
             raise ValueError(f"hybrid_fraction must be in [0, 1], got {self.hybrid_fraction!r}")
@@ -520,6 +539,9 @@ class RetentionConfig(StageConfig):
     max_texts: int = option(300, "texts used for perplexity (the first N distinct ones)")
     max_length: int = option(128, "tokens per text for perplexity")
     paraphrases: int = option(40, "sentences paraphrased greedily for the paraphrase probe (0: skip)")
+    template: str = option("P1", "paraphrase template of the paraphrase probe (the policy's, in a run)")
+    chat_template: str = option("auto", "chat template for the paraphrase probe (auto: when the tokenizer has one)",
+                                choices=CHAT_MODES)
     dtype: str = option("float32", "weights dtype for the probes", choices=DTYPES)
     device: str = option("auto", "auto picks cuda when available", choices=DEVICES)
     lm_eval_tasks: tuple[str, ...] = option((), "lm-evaluation-harness tasks (e.g. hellaswag,truthfulqa_mc1); "
@@ -527,11 +549,11 @@ class RetentionConfig(StageConfig):
     lm_eval_limit: int | None = option(None, "examples per lm-eval task (None: all)")
 
     def __post_init__(self) -> None:
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("device", self.device, DEVICES)
+        self._check_choices()
         for name in ("max_texts", "max_length"):
             _check_positive(name, getattr(self, name))
         _check_positive("paraphrases", self.paraphrases, allow_zero=True)
+        resolve_template(self.template)
 
 
 @dataclasses.dataclass(frozen=True)

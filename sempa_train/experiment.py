@@ -52,6 +52,8 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> dict[str, dict[str, dict[s
         if not isinstance(values, list) or not values:
             raise ValueError(f"grid key {key!r} needs a non-empty list of values")
     arms: dict[str, dict[str, dict[str, Any]]] = {}
+    if not grid:
+        return arms
     for combination in itertools.product(*grid.values()):
         name = ",".join(f"{key.split('.')[1]}={value}" for key, value in zip(grid, combination, strict=True))
         overrides: dict[str, dict[str, Any]] = {}

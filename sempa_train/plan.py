@@ -34,6 +34,7 @@ from sempa_train.config import (
     EmbedConfig,
     EvalConfig,
     GateConfig,
+    PolicyConfig,
     PrepareConfig,
     RankConfig,
     RetentionConfig,
@@ -46,14 +47,23 @@ from sempa_train.store import Store, content_key, dataset_hash
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("prepare", "sample", "rank", "train", "eval", "embed", "retention", "gates", "cluster")
+SECTIONS = ("policy", "prepare", "sample", "rank", "train", "eval", "embed", "retention", "gates", "cluster")
+# The stage fields that the policy section owns in a run config (RunConfig.build fills them in).
+POLICY_FIELDS: dict[str, tuple[str, ...]] = {
+    "sample": ("model", "template", "chat_template"),
+    "rank": ("template",),
+    "train": ("model", "template", "chat_template"),
+    "retention": ("template", "chat_template"),
+}
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """The configs of every stage of a run; a YAML file has one section per stage (``SECTIONS``; ``train``
-    may name a ``preset``)."""
+    may name a ``preset``) and a ``policy`` section (model, template, chat template) that ``build`` hands to
+    every stage that runs the policy or writes its prompts (``POLICY_FIELDS``)."""
 
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     rank: RankConfig = field(default_factory=lambda: RankConfig(strategy="gold"))
@@ -73,8 +83,9 @@ class RunConfig:
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
         model: str | None = None,
     ) -> RunConfig:
-        """Defaults, then the YAML file, then the train ``preset``, then per-section ``overrides``;
-        ``model`` sets the policy everywhere (train, sample, and the policy scorer)."""
+        """Defaults, then the YAML file, then the train ``preset``, then per-section ``overrides``; ``model``
+        sets the policy's model. The policy's fields are then given to the stages (``POLICY_FIELDS``; the policy
+        scorer too); a stage section that sets one of them is refused."""
         values: dict[str, Any] = {}
         where = "overrides"
         if config_file is not None:
@@ -86,10 +97,19 @@ class RunConfig:
         merged = merge_sections(values, overrides or {})
         default = cls()
         train_preset = merged["train"].pop("preset", None) or preset
+        for section, names in POLICY_FIELDS.items():
+            owned = sorted(set(merged[section]) & set(names))
+            if owned:
+                raise ValueError(f"{where}: {', '.join(f'{section}.{n}' for n in owned)}: the policy's "
+                                 f"{', '.join(owned)} is set once, in the policy section (or with --model)")
         if model is not None:
-            merged["train"]["model"] = merged["sample"]["model"] = model
+            merged["policy"]["model"] = model
         try:
+            policy = PolicyConfig.from_dict(merged["policy"])
+            for section, names in POLICY_FIELDS.items():
+                merged[section].update({name: getattr(policy, name) for name in names})
             built = cls(
+                policy=policy,
                 prepare=PrepareConfig.from_dict(merged["prepare"]),
                 sample=SampleConfig.from_dict(merged["sample"]),
                 rank=RankConfig.from_dict(merged["rank"], base=default.rank),
@@ -103,14 +123,14 @@ class RunConfig:
             )
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
-        if model is not None and built.rank.scorer == "policy" and built.rank.scorer_model is None:
-            built = replace(built, rank=built.rank.replace(scorer_model=model))
+        if built.rank.scorer == "policy" and built.rank.scorer_model is None:
+            built = replace(built, rank=built.rank.replace(scorer_model=policy.model))
         return built
 
     @property
     def policy_model(self) -> str:
         """The model that is trained and evaluated."""
-        return self.train.model
+        return self.policy.model
 
     def to_dict(self) -> dict[str, Any]:
         return {section: getattr(self, section).to_dict() for section in SECTIONS}
@@ -156,7 +176,7 @@ class Stage:
     optional: tuple[str, ...] = ()
     needed: Callable[[RunConfig], bool] = lambda cfg: True
     required_if: Callable[[RunConfig], tuple[str, ...]] = lambda cfg: ()  # optional inputs the config makes required
-    keyed_policy: bool = False  # the key names the policy model (a stage that reads no section holding it)
+    keyed_policy: bool = False  # the key holds the policy section (a stage that reads no section holding it)
     done_file: str | None = None  # the stage is complete when this file exists (default: when its folder does)
     heavy: bool = False  # loads a model: runners may isolate it in a subprocess
     retries: int = 0  # transient failures worth a retry (reading sources, writing datasets)
@@ -168,7 +188,7 @@ class Stage:
     def key(self, cfg: RunConfig, inputs: Mapping[str, Path]) -> str:
         config: dict[str, Any] = {section: getattr(cfg, section).to_dict() for section in self.sections}
         if self.keyed_policy:
-            config["model"] = cfg.policy_model
+            config["policy"] = cfg.policy.to_dict()
         hashed = {name: artifact_hash(name, inputs[name]) for name in (*self.inputs, *self.optional)
                   if name in inputs}
         return content_key(self.name, config, hashed)

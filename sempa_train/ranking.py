@@ -30,6 +30,7 @@ from sempa_train.io import read_dataset, read_manifest, write_dataset
 from sempa_train.preferences import gold_row, preference_row
 from sempa_train.schemas import PREFERENCE_SCHEMA
 from sempa_train.scoring import Scorer
+from sempa_train.templates import resolve_template
 from sempa_train.text import normalize_text
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,16 @@ class RankResult:
     drops: dict[str, int]
 
 
+def check_template(candidates: pl.DataFrame, where: Path | None, template: str) -> None:
+    """The candidates answer the prompt the preference rows will carry: their template is ``template``."""
+    expected = resolve_template(template)[0]
+    found = sorted(set(candidates["template_id"].to_list()))
+    if found != [expected]:
+        raise ValueError(f"{where}: candidates were sampled with template {', '.join(found)} but rank.template is "
+                         f"{expected}: the preference prompts would not be the ones the candidates answer; use one "
+                         "template for sample and rank")
+
+
 def rank(
     cfg: RankConfig,
     out_dir: Path,
@@ -225,6 +236,8 @@ def rank(
         raise ValueError(f"strategy {cfg.strategy!r} with rejected={cfg.rejected!r} needs --triples")
     triples_df = read_dataset(triples, "triples") if triples is not None else None
     candidates_df = read_dataset(candidates, "candidates") if candidates is not None else None
+    if candidates_df is not None:
+        check_template(candidates_df, candidates, cfg.template)
     contamination = frozenset(normalize_text(s) for s in evaluation_sentences(cfg.contamination_dir,
                                                                                cfg.contamination_tasks)) \
         if cfg.contamination_dir else frozenset()

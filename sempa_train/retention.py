@@ -142,9 +142,9 @@ def _run_probes(model: str, adapter: str | Path | None, cfg: RetentionConfig, en
         "text_file": cfg.text_file,
     }
     if cfg.paraphrases > 0:
-        chat = use_chat_template("auto", tokenizer)
+        chat = use_chat_template(cfg.chat_template, tokenizer)
         result["paraphrase"] = paraphrase_probe(TransformersBackend(lm, tokenizer), tokenizer,
-                                                texts[: cfg.paraphrases], encoder, chat=chat)
+                                                texts[: cfg.paraphrases], encoder, template=cfg.template, chat=chat)
     from sempa_train.models import resolve_model
 
     result["lm_eval"] = lm_eval_probe(resolve_model(model), Path(adapter) if adapter else None,

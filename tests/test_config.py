@@ -45,3 +45,16 @@ def test_yaml_file_flags_and_unknown_keys(tmp_path):
 
 def test_tasks_accept_comma_strings():
     assert EvalConfig.from_dict({"tasks": "STS12, STSBenchmark"}).tasks == ("STS12", "STSBenchmark")
+
+
+def test_the_policy_is_stated_once_for_a_run(tmp_path):
+    from sempa_train.plan import RunConfig
+
+    cfg = RunConfig.build(overrides={"policy": {"template": "P3", "chat_template": "off"}}, model="my-model")
+    assert (cfg.sample.model, cfg.train.model, cfg.policy_model) == ("my-model",) * 3
+    assert cfg.sample.template == cfg.rank.template == cfg.train.template == cfg.retention.template == "P3"
+    assert cfg.sample.chat_template == cfg.train.chat_template == cfg.retention.chat_template == "off"
+    config = tmp_path / "run.yaml"
+    config.write_text("sample: {model: other-model, n: 2}\n")
+    with pytest.raises(ValueError, match=r"run.yaml: sample.model: the policy's model is set once, in the policy"):
+        RunConfig.build(config)

@@ -102,6 +102,7 @@ def test_grid_expands_to_one_arm_per_combination(tmp_path):
 
     arms = expand_grid({"train.loss_type": ["sigmoid", "apo_zero"], "train.learning_rate": [1e-4, 3e-4]})
     assert list(arms)[0] == "loss_type=sigmoid,learning_rate=0.0001" and len(arms) == 4
+    assert expand_grid({}) == {}
     assert arms["loss_type=apo_zero,learning_rate=0.0003"] == {"train": {"loss_type": "apo_zero",
                                                                          "learning_rate": 3e-4}}
     config = tmp_path / "sweep.yaml"

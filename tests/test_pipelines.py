@@ -60,13 +60,11 @@ def test_full_flow_fails_at_train_then_resumes_from_cache(prefect_harness, tiny_
     senteval = make_senteval(tmp_path / "senteval")
     root = tmp_path / "store"
     params = tiny_params(tiny_model_dir, senteval, root)
-    broken = {**params, "train": {**params["train"], "model": str(tmp_path / "no-such-model")}}
-    broken["model"] = None
-    broken["sample"] = {**params["sample"], "model": str(tiny_model_dir)}
+    broken = {**params, "train": {**params["train"], "lora_target_modules": "no_such_module"}}  # fails in train
 
     state = sempa(**broken, return_state=True)
     assert state.is_failed()
-    assert "no-such-model" in str(state.result(raise_on_failure=False))
+    assert "no_such_module" in str(state.result(raise_on_failure=False))
     first = task_states(state.state_details.flow_run_id)
     assert first["prepare"] == "Completed" and first["sample"] == "Completed" and first["rank"] == "Completed"
 

@@ -170,3 +170,15 @@ def test_entailment_index():
     assert entailment_index({0: "entailment", 1: "not_entailment"}) == 0
     with pytest.raises(ValueError, match="no entailment label"):
         entailment_index({0: "POSITIVE", 1: "NEGATIVE"})
+
+
+def test_rank_refuses_candidates_of_another_template(tmp_path):
+    import polars as pl
+    import pytest
+
+    from sempa_train.ranking import check_template
+
+    candidates = pl.DataFrame({"template_id": ["P2", "P2"]})
+    check_template(candidates, tmp_path, "P2")
+    with pytest.raises(ValueError, match="sampled with template P2 but rank.template is P1"):
+        check_template(candidates, tmp_path / "cand", "P1")
