@@ -14,18 +14,87 @@ the value, after everything above is written.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sempa_train.config import EmbedConfig, EvalConfig, GateConfig, RetentionConfig
-from sempa_train.evaluation import format_table, run_sts_eval
-from sempa_train.io import code_version, now_iso, write_json
+from sempa_train.evaluation import delta_intervals, format_table, predictions_path, run_sts_eval
+from sempa_train.io import code_version, now_iso, read_json, write_json
 from sempa_train.sts_data import STSSubset, load_tasks
 
 log = logging.getLogger(__name__)
 
 class GateError(RuntimeError):
     """A tuned model crossed a quality gate."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """An evaluate stage's folder read back as typed fields: what tables, runners and reports use instead of
+    looking up paths in ``summary.json``. Without an adapter the "tuned" fields describe the base model."""
+
+    folder: Path
+    model: str
+    adapter: str | None
+    sts: dict[str, float]  # Spearman x 100 per task, of the evaluated model
+    sts_base: dict[str, float]
+    perplexity: float | None
+    perplexity_ratio: float | None  # tuned / base; 1.0 for the base model
+    paraphrase_similarity: float | None
+    paraphrase_similarity_delta: float | None
+    copy_rate: float | None
+    gates_passed: bool
+    gate_failures: tuple[str, ...]
+
+    PRIMARY = "sts_avg"  # the metric an experiment ranks by
+
+    @classmethod
+    def load(cls, folder: Path) -> Evaluation:
+        folder = Path(folder)
+        summary = read_json(folder / "summary.json")
+        base = read_json(folder / "base.json")
+        tuned = read_json(folder / "tuned.json") if summary.get("adapter") else base
+        retention = summary.get("retention") or {}
+        probe = retention.get("tuned") or retention.get("base") or {}
+        compare = retention.get("compare") or {}
+        gates = summary.get("gates", {})
+        return cls(
+            folder=folder, model=summary["model"], adapter=summary.get("adapter"),
+            sts={task: r["spearman"] for task, r in tuned["tasks"].items()},
+            sts_base={task: r["spearman"] for task, r in base["tasks"].items()},
+            perplexity=probe.get("perplexity"),
+            perplexity_ratio=compare.get("perplexity_ratio", 1.0 if probe and not summary.get("adapter") else None),
+            paraphrase_similarity=probe.get("paraphrase", {}).get("similarity_mean"),
+            paraphrase_similarity_delta=compare.get("paraphrase_similarity_mean_delta"),
+            copy_rate=probe.get("paraphrase", {}).get("copy_rate"),
+            gates_passed=bool(gates.get("passed", True)), gate_failures=tuple(gates.get("failures", ())),
+        )
+
+    @property
+    def sts_avg(self) -> float:
+        return sum(self.sts.values()) / len(self.sts)
+
+    @property
+    def sts_base_avg(self) -> float:
+        return sum(self.sts_base.values()) / len(self.sts_base)
+
+    def delta_intervals(self) -> dict[str, tuple[float, float]] | None:
+        """Paired-bootstrap 95 % intervals of the per-task change (None without an adapter or predictions)."""
+        files = [self.folder / "base.json", self.folder / "tuned.json"]
+        if not self.adapter or not all(predictions_path(f).is_file() for f in files):
+            return None
+        return delta_intervals(*files)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics (``sts/<task>``, ``sts_avg``, ``sts_avg_delta``, retention), ``PRIMARY`` among them."""
+        out = {f"sts/{task}": value for task, value in self.sts.items()}
+        out.update(sts_avg=self.sts_avg, sts_avg_delta=self.sts_avg - self.sts_base_avg)
+        for name in ("perplexity", "perplexity_ratio", "paraphrase_similarity", "paraphrase_similarity_delta",
+                     "copy_rate"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
 
 
 def gate_failures(summary: dict[str, Any], gates: GateConfig) -> list[str]:

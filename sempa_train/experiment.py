@@ -21,9 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sempa_train.assessment import GateError
+from sempa_train.assessment import Evaluation, GateError
 from sempa_train.errors import RecordedFailure
-from sempa_train.evaluation import delta_intervals, predictions_path
 from sempa_train.io import code_version, now_iso, read_json, write_json, write_text
 from sempa_train.plan import (
     SECTIONS,
@@ -133,7 +132,7 @@ def _write_results(name: str, out: Path, base: RunConfig, arms: dict[str, RunCon
         "name": name, "created_at": now_iso(), "code_version": code_version(),
         "wall_seconds_this_invocation": round(seconds, 1), "timings": timings,
         "config": base.to_dict(), "arms": {arm: cfg.to_dict() for arm, cfg in arms.items()},
-        "rows": {arm: _row(arm, read_json(evaluation(arm) / "summary.json"), runs[arm]) for arm in done},
+        "rows": {arm: _row(arm, Evaluation.load(evaluation(arm)), runs[arm]) for arm in done},
         "missing": [arm for arm in arms if arm not in done and arm not in failed],
         "failed": failed,
     }
@@ -146,25 +145,17 @@ def _write_results(name: str, out: Path, base: RunConfig, arms: dict[str, RunCon
     return results
 
 
-def _row(arm: str, summary: dict[str, Any], run: Execution) -> dict[str, Any]:
+def _row(arm: str, evaluation: Evaluation, run: Execution) -> dict[str, Any]:
     """The numbers of one arm: STS per task, retention, data and training facts."""
-    outputs = summary["outputs"]
-    tuned = read_json(Path(outputs["eval_tuned"])) if outputs.get("eval_tuned") else read_json(
-        Path(outputs["eval_base"]))
-    retention = summary.get("retention", {})
-    probe = retention.get("tuned") or retention.get("base") or {}
     row: dict[str, Any] = {
-        "sts": {task: r["spearman"] for task, r in tuned["tasks"].items()},
-        "sts_avg": tuned["avg"],
-        "perplexity": probe.get("perplexity"),
-        "perplexity_ratio": retention.get("compare", {}).get("perplexity_ratio", 1.0 if arm == "baseline" else None),
-        "paraphrase_similarity": probe.get("paraphrase", {}).get("similarity_mean"),
-        "copy_rate": probe.get("paraphrase", {}).get("copy_rate"),
-        "gates": "" if arm == "baseline" else ("passed" if summary.get("gates", {}).get("passed", True) else "failed"),
+        "sts": evaluation.sts, "sts_avg": evaluation.sts_avg, "perplexity": evaluation.perplexity,
+        "perplexity_ratio": evaluation.perplexity_ratio, "paraphrase_similarity": evaluation.paraphrase_similarity,
+        "copy_rate": evaluation.copy_rate,
+        "gates": "" if arm == "baseline" else ("passed" if evaluation.gates_passed else "failed"),
     }
-    evals = [Path(outputs[k]) for k in ("eval_base", "eval_tuned") if outputs.get(k)]
-    if len(evals) == 2 and all(predictions_path(e).is_file() for e in evals):  # not in copies without Parquet
-        row["sts_delta_ci"] = delta_intervals(*evals)
+    intervals = evaluation.delta_intervals()
+    if intervals is not None:  # not in copies without the Parquet predictions
+        row["sts_delta_ci"] = intervals
     model = run.artifacts.get("model")
     if model is not None and (model / "metrics.json").is_file():
         metrics = read_json(model / "metrics.json")

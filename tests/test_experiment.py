@@ -32,6 +32,12 @@ strategies:
     assert list(results["rows"]) == ["baseline", "gold", "sampled"]
     assert results["rows"]["gold"]["steps"] == 1 and results["rows"]["sampled"]["pairs"] > 0
     assert results["rows"]["gold"]["gates"] == "failed"  # a perplexity ratio of at most 0.5 cannot be met
+    from sempa_train.assessment import Evaluation
+
+    gold = Evaluation.load(out / "gold" / "eval")
+    metrics = gold.metrics()
+    assert metrics[Evaluation.PRIMARY] == results["rows"]["gold"]["sts_avg"] and not gold.gates_passed
+    assert metrics["sts_avg_delta"] == gold.sts_avg - Evaluation.load(out / "baseline" / "eval").sts_avg
     table = (out / "results.md").read_text()
     assert table.splitlines()[0].startswith("| arm | STSBenchmark | Δ STSBenchmark (95% CI) | STS avg | Δ avg |")
     low, high = results["rows"]["gold"]["sts_delta_ci"]["STSBenchmark"]
