@@ -216,8 +216,10 @@ class PolicyConfig(StageConfig):
     """The model being tuned and how it is prompted, stated once for a run.
 
     ``RunConfig`` gives these values to every stage that runs the policy or writes its prompts
-    (sample, rank, train, retention, the policy scorer); a run config that sets one of them in a stage
-    section instead is refused, so the stages cannot disagree about the model or the prompt.
+    (sample, rank, train, the retention probes' chat template, the policy scorer); a run config that sets
+    one of them in a stage section instead is refused, so the stages cannot disagree about the model or
+    the prompt. The paraphrase probes keep their own template (``retention.template``,
+    ``train.eval_template``, P1 by default): a yardstick that stays fixed when the training prompt changes.
     """
 
     model: str = option("smollm2-135m-instruct", "policy model: built-in name, local folder, or Hub id")
@@ -248,8 +250,6 @@ class TrainConfig(StageConfig):
     """
 
     model: str = option("smollm2-135m-instruct", "policy model: built-in name, local folder, or Hub id")
-    template: str = option("P1", "paraphrase template of the in-training paraphrase probe (the training prompts "
-                           "come with the data)")
     chat_template: str = option("auto", "wrap prompt/answers in the tokenizer's chat template "
                                 "(auto: when the tokenizer has one)", choices=CHAT_MODES)
     device: str = option("auto", "auto picks cuda when available", choices=DEVICES)
@@ -299,6 +299,8 @@ class TrainConfig(StageConfig):
     eval_texts: int = option(100, "held-out texts in the perplexity probe")
     eval_paraphrases: int = option(40, "held-out texts (the first N of eval_text_file) paraphrased greedily at each "
                                    "probe and scored for similarity to their source (0: no paraphrase probe)")
+    eval_template: str = option("P1", "paraphrase template of the in-training paraphrase probe (a fixed yardstick, "
+                                "like retention.template; the training prompts come with the data)")
     select_max_perplexity_ratio: float | None = option(
         1.05, "checkpoint selection gate: probed perplexity / base perplexity at most this (None: no gate)")
     select_min_paraphrase_delta: float | None = option(
@@ -311,7 +313,7 @@ class TrainConfig(StageConfig):
 
     def __post_init__(self) -> None:
         self._check_choices()
-        resolve_template(self.template)
+        resolve_template(self.eval_template)
         losses = self.loss_types
         for loss in losses:
             _check_choice("loss_type", loss, LOSS_TYPES)
@@ -539,7 +541,8 @@ class RetentionConfig(StageConfig):
     max_texts: int = option(300, "texts used for perplexity (the first N distinct ones)")
     max_length: int = option(128, "tokens per text for perplexity")
     paraphrases: int = option(40, "sentences paraphrased greedily for the paraphrase probe (0: skip)")
-    template: str = option("P1", "paraphrase template of the paraphrase probe (the policy's, in a run)")
+    template: str = option("P1", "paraphrase template of the paraphrase probe: a fixed yardstick, so that models "
+                           "trained with different prompts are compared on the same one")
     chat_template: str = option("auto", "chat template for the paraphrase probe (auto: when the tokenizer has one)",
                                 choices=CHAT_MODES)
     dtype: str = option("float32", "weights dtype for the probes", choices=DTYPES)

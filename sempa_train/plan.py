@@ -52,8 +52,8 @@ SECTIONS = ("policy", "prepare", "sample", "rank", "train", "eval", "embed", "re
 POLICY_FIELDS: dict[str, tuple[str, ...]] = {
     "sample": ("model", "template", "chat_template"),
     "rank": ("template",),
-    "train": ("model", "template", "chat_template"),
-    "retention": ("template", "chat_template"),
+    "train": ("model", "chat_template"),
+    "retention": ("chat_template",),
 }
 
 

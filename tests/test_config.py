@@ -52,7 +52,8 @@ def test_the_policy_is_stated_once_for_a_run(tmp_path):
 
     cfg = RunConfig.build(overrides={"policy": {"template": "P3", "chat_template": "off"}}, model="my-model")
     assert (cfg.sample.model, cfg.train.model, cfg.policy_model) == ("my-model",) * 3
-    assert cfg.sample.template == cfg.rank.template == cfg.train.template == cfg.retention.template == "P3"
+    assert cfg.sample.template == cfg.rank.template == "P3"
+    assert cfg.retention.template == cfg.train.eval_template == "P1"  # the paraphrase probes' fixed yardstick
     assert cfg.sample.chat_template == cfg.train.chat_template == cfg.retention.chat_template == "off"
     config = tmp_path / "run.yaml"
     config.write_text("sample: {model: other-model, n: 2}\n")
