@@ -176,7 +176,6 @@ class Stage:
     optional: tuple[str, ...] = ()
     needed: Callable[[RunConfig], bool] = lambda cfg: True
     required_if: Callable[[RunConfig], tuple[str, ...]] = lambda cfg: ()  # optional inputs the config makes required
-    keyed_policy: bool = False  # the key holds the policy section (a stage that reads no section holding it)
     done_file: str | None = None  # the stage is complete when this file exists (default: when its folder does)
     heavy: bool = False  # loads a model: runners may isolate it in a subprocess
     retries: int = 0  # transient failures worth a retry (reading sources, writing datasets)
@@ -186,9 +185,7 @@ class Stage:
         return stage, (self.name,)
 
     def key(self, cfg: RunConfig, inputs: Mapping[str, Path]) -> str:
-        config: dict[str, Any] = {section: getattr(cfg, section).to_dict() for section in self.sections}
-        if self.keyed_policy:
-            config["policy"] = cfg.policy.to_dict()
+        config = {section: getattr(cfg, section).to_dict() for section in self.sections}
         hashed = {name: artifact_hash(name, inputs[name]) for name in (*self.inputs, *self.optional)
                   if name in inputs}
         return content_key(self.name, config, hashed)
@@ -243,8 +240,8 @@ STAGES: tuple[Stage, ...] = (
           required_if=lambda cfg: ("candidates",) if cfg.rank.strategy != "gold" else (), heavy=True, retries=2),
     Stage("train", ("train",), {"model": "", "adapter": "adapter", "train_log": "train_log.jsonl"}, _train,
           inputs=("preferences",), heavy=True),
-    Stage("evaluate", ("eval", "embed", "retention", "gates"), {"evaluation": ""}, _evaluate,
-          optional=("adapter", "preferences", "train_log"), done_file="summary.json", keyed_policy=True, heavy=True),
+    Stage("evaluate", ("policy", "eval", "embed", "retention", "gates"), {"evaluation": ""}, _evaluate,
+          optional=("adapter", "preferences", "train_log"), done_file="summary.json", heavy=True),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 # Readable names of the runners' links to a run's stage folders (``sempa run`` OUT/, an experiment's OUT/ARM/).
