@@ -23,9 +23,9 @@ from typing import Any, Literal
 from prefect import flow
 
 from pipelines.tasks import outputs_artifact, published, run_in_prefect
-from sempa_train.io import read_json
+from sempa_train.core.io import read_json
+from sempa_train.core.store import Store
 from sempa_train.plan import DATA_STAGES, STAGE_NAMES, RunConfig, execute
-from sempa_train.store import Store
 
 Stage = Literal["prepare", "sample", "rank", "train", "evaluate"]
 

@@ -20,8 +20,8 @@ import dask
 from prefect import flow, task
 from prefect_dask import DaskTaskRunner
 
-from sempa_train.config import ClusterConfig, SampleConfig
-from sempa_train.sampling import ShardPlan, sample_one_shard
+from sempa_train.core.config import ClusterConfig, SampleConfig
+from sempa_train.stages.sampling import ShardPlan, sample_one_shard
 
 
 @task(name="sample-shard", retries=3, retry_delay_seconds=2)
@@ -51,7 +51,7 @@ def dask_task_runner(cluster: ClusterConfig) -> DaskTaskRunner:
 
 
 def cluster_shard_runner(cluster: ClusterConfig) -> Callable[[SampleConfig, ShardPlan, str], None]:
-    """A ``shard_runner`` for ``sempa_train.sampling.sample_candidates`` that uses the cluster."""
+    """A ``shard_runner`` for ``sempa_train.stages.sampling.sample_candidates`` that uses the cluster."""
 
     def run(cfg: SampleConfig, plan: ShardPlan, backend: str) -> None:
         sample_shards.with_options(task_runner=dask_task_runner(cluster))(cfg, plan, backend,

@@ -26,11 +26,11 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 
-from sempa_train.io import read_json, read_manifest
+from sempa_train.core.io import read_json, read_manifest
+from sempa_train.core.procs import call_in_subprocess
+from sempa_train.core.store import Store
 from sempa_train.plan import DATA_STAGES, RunConfig, Step, run_step
-from sempa_train.procs import call_in_subprocess
-from sempa_train.sampling import work_dir_for
-from sempa_train.store import Store
+from sempa_train.stages.sampling import work_dir_for
 
 
 def by_key(context: Any, parameters: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sempa_train.config import (
+from sempa_train.core.config import (
     C,
     EmbedConfig,
     EvalConfig,
@@ -166,7 +166,7 @@ def _stage_config(cls: type[C], args: argparse.Namespace, *, base: C | None = No
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
-    from sempa_train.prepare import prepare
+    from sempa_train.stages.prepare import prepare
 
     cfg = _stage_config(PrepareConfig, args)
     result = prepare(cfg, args.out, overwrite=args.overwrite)
@@ -176,7 +176,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
-    from sempa_train.sampling import sample_candidates
+    from sempa_train.stages.sampling import sample_candidates
 
     cfg = _stage_config(SampleConfig, args)
     result = sample_candidates(cfg, args.triples, args.out, overwrite=args.overwrite)
@@ -184,7 +184,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _cmd_rank(args: argparse.Namespace) -> None:
-    from sempa_train.ranking import rank
+    from sempa_train.stages.ranking import rank
 
     cfg = _stage_config(RankConfig, args)
     result = rank(cfg, args.out, triples=args.triples, candidates=args.candidates, overwrite=args.overwrite)
@@ -199,20 +199,20 @@ def _cmd_experiment(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from sempa_train.report import build_report
+    from sempa_train.stages.report import build_report
 
     folder = args.path / "eval" if (args.path / "eval" / "summary.json").is_file() else args.path
     print(f"report: {build_report(folder)}")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
-    from sempa_train.summary import describe
+    from sempa_train.core.summary import describe
 
     print(describe(args.path, rows=args.rows))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from sempa_train.train import train_dpo
+    from sempa_train.stages.train import train_dpo
 
     cfg = _stage_config(TrainConfig, args, base=TrainConfig.preset(args.preset))
     result = train_dpo(cfg, args.data, args.out, overwrite=args.overwrite)
@@ -221,7 +221,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from sempa_train.evaluation import format_table, run_sts_eval
+    from sempa_train.stages.evaluation import format_table, run_sts_eval
 
     cfg = config_from_args(EvalConfig, args)
     embed = config_from_args(EmbedConfig, args)

@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sempa_train.assessment import Evaluation, GateError
-from sempa_train.errors import RecordedFailure
-from sempa_train.io import code_version, now_iso, read_json, write_json, write_text
+from sempa_train.core.errors import RecordedFailure
+from sempa_train.core.io import code_version, now_iso, read_json, write_json, write_text
+from sempa_train.core.store import Store
 from sempa_train.plan import (
     SECTIONS,
     STAGE_NAMES,
@@ -36,8 +36,8 @@ from sempa_train.plan import (
     read_yaml_mapping,
     run_step,
 )
-from sempa_train.report import plot_pareto
-from sempa_train.store import Store
+from sempa_train.stages.assessment import Evaluation, GateError
+from sempa_train.stages.report import plot_pareto
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from sempa_train.config import (
+from sempa_train.core.config import (
     ClusterConfig,
     EmbedConfig,
     EvalConfig,
@@ -41,9 +41,9 @@ from sempa_train.config import (
     SampleConfig,
     TrainConfig,
 )
-from sempa_train.errors import RecordedFailure
-from sempa_train.io import file_sha256, read_json, write_json
-from sempa_train.store import Store, content_key, dataset_hash
+from sempa_train.core.errors import RecordedFailure
+from sempa_train.core.io import file_sha256, read_json, write_json
+from sempa_train.core.store import Store, content_key, dataset_hash
 
 log = logging.getLogger(__name__)
 
@@ -200,32 +200,32 @@ def artifact_hash(name: str, path: Path) -> str:
 
 
 def _prepare(cfg: RunConfig, inputs: Mapping[str, Path], out: Path) -> None:
-    from sempa_train.prepare import prepare
+    from sempa_train.stages.prepare import prepare
 
     prepare(cfg.prepare, out, overwrite=True)
 
 
 def _sample(cfg: RunConfig, inputs: Mapping[str, Path], out: Path, *, shard_runner: Any = None,
             show_progress: bool | None = None) -> None:
-    from sempa_train.sampling import sample_candidates
+    from sempa_train.stages.sampling import sample_candidates
 
     sample_candidates(cfg.sample, inputs["triples"], out, shard_runner=shard_runner, show_progress=show_progress)
 
 
 def _rank(cfg: RunConfig, inputs: Mapping[str, Path], out: Path) -> None:
-    from sempa_train.ranking import rank
+    from sempa_train.stages.ranking import rank
 
     rank(cfg.rank, out, triples=inputs["triples"], candidates=inputs.get("candidates"), overwrite=True)
 
 
 def _train(cfg: RunConfig, inputs: Mapping[str, Path], out: Path) -> None:
-    from sempa_train.train import train_dpo
+    from sempa_train.stages.train import train_dpo
 
     train_dpo(cfg.train, inputs["preferences"], out, overwrite=True)
 
 
 def _evaluate(cfg: RunConfig, inputs: Mapping[str, Path], out: Path) -> None:
-    from sempa_train.assessment import assess
+    from sempa_train.stages.assessment import assess
 
     assess(cfg.policy_model, inputs.get("adapter"), out, eval_cfg=cfg.eval, embed=cfg.embed,
            retention=cfg.retention, gates=cfg.gates,
@@ -307,7 +307,7 @@ def run_step(step: Step, **extras: Any) -> None:
 def check_reused(step: Step) -> None:
     """A reused evaluation whose gates failed fails again (a gate is a verdict, not a cache miss)."""
     if step.stage.name == "evaluate":
-        from sempa_train.assessment import GateError
+        from sempa_train.stages.assessment import GateError
 
         gates = read_json(step.out / "summary.json").get("gates", {})
         if not gates.get("passed", True):

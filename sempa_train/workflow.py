@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sempa_train.io import code_version, now_iso, read_json, read_manifest, write_json
+from sempa_train.core.io import code_version, now_iso, read_json, read_manifest, write_json
+from sempa_train.core.store import Store
 from sempa_train.plan import RunConfig, execute, link_outputs
-from sempa_train.store import Store
-from sempa_train.sts_data import load_tasks
+from sempa_train.stages.sts_data import load_tasks
 
 
 def run_method(cfg: RunConfig, out_dir: Path, *, overwrite: bool = False) -> dict[str, Any]:

@@ -27,7 +27,7 @@ def _corpus() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Llama (hidden 128, head size 64) and a 600-token byte-level BPE tokenizer."""
-    from sempa_train.testing import build_tiny_llama
+    from sempa_train.core.testing import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), _corpus())
 
@@ -35,8 +35,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sample_prefs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The gold preference dataset of the built-in NLI sample."""
-    from sempa_train.config import PrepareConfig
-    from sempa_train.prepare import prepare
+    from sempa_train.core.config import PrepareConfig
+    from sempa_train.stages.prepare import prepare
 
     out = tmp_path_factory.mktemp("prepared") / "sample"
     return prepare(PrepareConfig(source=str(SAMPLE_NLI)), out).preferences_dir

@@ -7,7 +7,8 @@ import pytest
 import torch
 from test_sts import make_senteval
 
-from sempa_train.checkpoints import (
+from sempa_train.core.config import EmbedConfig, TrainConfig
+from sempa_train.stages.checkpoints import (
     NoPassingCheckpointError,
     ProbeResult,
     SelectionGate,
@@ -16,9 +17,8 @@ from sempa_train.checkpoints import (
     scale_adapter_file,
     select,
 )
-from sempa_train.config import EmbedConfig, TrainConfig
-from sempa_train.embedding import load_encoder
-from sempa_train.train import train_dpo
+from sempa_train.stages.embedding import load_encoder
+from sempa_train.stages.train import train_dpo
 
 SENTENCES = ["A dog runs in the park.", "Two women are drinking coffee."]
 
@@ -123,7 +123,7 @@ def test_adapter_scaling_at_one_is_the_adapter_and_at_zero_the_base_model(tiny_m
 def test_checkpoint_plot_has_a_panel_per_probe(trained, tmp_path):
     import matplotlib.pyplot as plt
 
-    from sempa_train.report import plot_checkpoints
+    from sempa_train.stages.report import plot_checkpoints
 
     _, result = trained
     assert plot_checkpoints(result.out_dir / "checkpoints.jsonl", tmp_path / "c.png")

@@ -1,6 +1,6 @@
 import pytest
 
-from sempa_train.config import EvalConfig, PrepareConfig, TrainConfig, add_arguments, config_from_args
+from sempa_train.core.config import EvalConfig, PrepareConfig, TrainConfig, add_arguments, config_from_args
 
 
 def test_bad_values_are_quoted():

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from sempa_train.config import EmbedConfig
-from sempa_train.embedding import PromptEOLEncoder, common_prefix, cosine, load_encoder
-from sempa_train.models import load_causal_lm
+from sempa_train.core.config import EmbedConfig
+from sempa_train.core.models import load_causal_lm
+from sempa_train.stages.embedding import PromptEOLEncoder, common_prefix, cosine, load_encoder
 
 SENTENCES = [
     "A man is playing a guitar on the street.",

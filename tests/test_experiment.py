@@ -32,7 +32,7 @@ strategies:
     assert list(results["rows"]) == ["baseline", "gold", "sampled"]
     assert results["rows"]["gold"]["steps"] == 1 and results["rows"]["sampled"]["pairs"] > 0
     assert results["rows"]["gold"]["gates"] == "failed"  # a perplexity ratio of at most 0.5 cannot be met
-    from sempa_train.assessment import Evaluation
+    from sempa_train.stages.assessment import Evaluation
 
     gold = Evaluation.load(out / "gold" / "eval")
     metrics = gold.metrics()
@@ -88,9 +88,9 @@ strategies:
 def test_a_step_that_raises_is_still_timed(tmp_path):
     import pytest
 
-    from sempa_train.assessment import GateError
+    from sempa_train.core.store import Store
     from sempa_train.plan import Execution, RunConfig, execute
-    from sempa_train.store import Store
+    from sempa_train.stages.assessment import GateError
 
     def failing_gate(step) -> None:
         raise GateError("quality gate failed")

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from sempa_train.config import TrainConfig
-from sempa_train.fast_dpo import SharedPromptDPOTrainer, pack_pairs
-from sempa_train.train import train_dpo
+from sempa_train.core.config import TrainConfig
+from sempa_train.stages.fast_dpo import SharedPromptDPOTrainer, pack_pairs
+from sempa_train.stages.train import train_dpo
 
 
 def test_pack_pairs_layout():
@@ -42,7 +42,7 @@ def _trainers(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from sempa_train.models import load_tokenizer
+    from sempa_train.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_dir, padding_side="right")
     records = [{"prompt": [{"role": "user", "content": f"Keep the meaning of sentence {i}: a dog runs."}],
@@ -90,9 +90,9 @@ def test_train_matches_trl_first_step_and_caches_reference_logps(tiny_model_dir,
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from sempa_train.io import read_dataset
-    from sempa_train.models import load_tokenizer
-    from sempa_train.train import to_trl_records
+    from sempa_train.core.io import read_dataset
+    from sempa_train.core.models import load_tokenizer
+    from sempa_train.stages.train import to_trl_records
 
     monkeypatch.setenv("SEMPA_CACHE_DIR", str(tmp_path / "cache"))  # an empty reference-log-prob cache
     cfg = TrainConfig(model=str(tiny_model_dir), max_steps=2, batch_size=4, learning_rate=1e-2, lora_dropout=0.0,

@@ -3,7 +3,7 @@ import json
 import polars as pl
 import pytest
 
-from sempa_train.io import (
+from sempa_train.core.io import (
     SchemaError,
     atomic_dir,
     read_dataset,
@@ -11,7 +11,7 @@ from sempa_train.io import (
     write_dataset,
     write_parquet,
 )
-from sempa_train.schemas import TRIPLES_SCHEMA
+from sempa_train.core.schemas import TRIPLES_SCHEMA
 
 
 def triples(n: int = 2) -> pl.DataFrame:

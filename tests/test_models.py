@@ -1,6 +1,6 @@
 import pytest
 
-from sempa_train.models import ModelNotFoundError, is_sentence_transformers_folder, resolve_model
+from sempa_train.core.models import ModelNotFoundError, is_sentence_transformers_folder, resolve_model
 
 
 def test_local_folder_and_builtin_encoder(tiny_model_dir):

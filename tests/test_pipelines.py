@@ -89,7 +89,7 @@ def test_full_flow_fails_at_train_then_resumes_from_cache(prefect_harness, tiny_
 
 def test_refresh_twice_makes_two_versions(prefect_harness, tiny_model_dir, tmp_path):
     from pipelines.flows import sempa
-    from sempa_train.store import Store
+    from sempa_train.core.store import Store
 
     params = tiny_params(tiny_model_dir, tmp_path, tmp_path / "store")
     params.pop("eval")
@@ -113,7 +113,7 @@ def test_bad_parameters_fail_before_any_stage(prefect_harness, tmp_path):
 
 def test_task_logic_through_fn(prefect_harness, tmp_path):
     from pipelines.tasks import stage_task
-    from sempa_train.config import PrepareConfig
+    from sempa_train.core.config import PrepareConfig
     from sempa_train.plan import RunConfig, Step, stage
 
     out = tmp_path / "prep"

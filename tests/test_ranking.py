@@ -2,12 +2,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from sempa_train.config import RankConfig
-from sempa_train.io import read_dataset, write_dataset
-from sempa_train.ranking import filter_candidates, pick_pair, rank, rank_preferences
-from sempa_train.schemas import CANDIDATES_SCHEMA, TRIPLES_SCHEMA
-from sempa_train.scoring import EmbeddingScorer, entailment_index
-from sempa_train.text import normalize_text
+from sempa_train.core.config import RankConfig
+from sempa_train.core.io import read_dataset, write_dataset
+from sempa_train.core.schemas import CANDIDATES_SCHEMA, TRIPLES_SCHEMA
+from sempa_train.core.text import normalize_text
+from sempa_train.stages.ranking import filter_candidates, pick_pair, rank, rank_preferences
+from sempa_train.stages.scoring import EmbeddingScorer, entailment_index
 
 P1 = "A man is playing a guitar on stage."
 P2 = "Two dogs run across a snowy field."
@@ -158,7 +158,7 @@ def test_rank_stage_writes_a_dataset_and_refuses_bad_input(tmp_path):
 
 
 def test_embedding_scorer_with_minilm():
-    from sempa_train.embedding import load_encoder
+    from sempa_train.stages.embedding import load_encoder
 
     scorer = EmbeddingScorer(load_encoder("all-minilm-l6-v2", show_progress=False))
     scores = scorer.score([P1, P1], ["A man plays a guitar on a stage.", "Stocks fell sharply on Monday."])
@@ -176,7 +176,7 @@ def test_rank_refuses_candidates_of_another_template(tmp_path):
     import polars as pl
     import pytest
 
-    from sempa_train.ranking import check_template
+    from sempa_train.stages.ranking import check_template
 
     candidates = pl.DataFrame({"template_id": ["P2", "P2"]})
     check_template(candidates, tmp_path, "P2")

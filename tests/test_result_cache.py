@@ -5,10 +5,10 @@ import shutil
 import pytest
 from test_sts import make_senteval
 
-import sempa_train.evaluation as evaluation
-from sempa_train.config import EmbedConfig, EvalConfig, RetentionConfig
-from sempa_train.evaluation import run_sts_eval, sts_cache_key
-from sempa_train.sts_data import load_tasks
+import sempa_train.stages.evaluation as evaluation
+from sempa_train.core.config import EmbedConfig, EvalConfig, RetentionConfig
+from sempa_train.stages.evaluation import run_sts_eval, sts_cache_key
+from sempa_train.stages.sts_data import load_tasks
 
 EMBED = EmbedConfig(dtype="float32")
 
@@ -68,8 +68,8 @@ def test_base_sts_is_encoded_once(tiny_model_dir, senteval, tmp_path, monkeypatc
 
 
 def test_base_retention_is_probed_once(tiny_model_dir, tmp_path, monkeypatch):
-    import sempa_train.retention as retention
-    from sempa_train.embedding import load_encoder
+    import sempa_train.stages.retention as retention
+    from sempa_train.stages.embedding import load_encoder
 
     text = tmp_path / "heldout.txt"
     text.write_text("A dog runs in the park.\nTwo women are drinking coffee.\n")

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from sempa_train.assessment import gate_failures
-from sempa_train.config import GateConfig
-from sempa_train.generation import TransformersBackend
-from sempa_train.models import load_causal_lm
-from sempa_train.retention import compare, held_out_texts, lm_eval_probe, paraphrase_probe, perplexity
+from sempa_train.core.config import GateConfig
+from sempa_train.core.models import load_causal_lm
+from sempa_train.stages.assessment import gate_failures
+from sempa_train.stages.generation import TransformersBackend
+from sempa_train.stages.retention import compare, held_out_texts, lm_eval_probe, paraphrase_probe, perplexity
 
 
 def test_held_out_texts_from_txt_and_jsonl(tmp_path):
@@ -38,7 +38,7 @@ def test_perplexity_matches_a_hand_computation(tiny_model_dir):
 
 
 def test_paraphrase_probe_rates(tiny_model_dir):
-    from sempa_train.embedding import load_encoder
+    from sempa_train.stages.embedding import load_encoder
 
     model, tokenizer = load_causal_lm(tiny_model_dir)
     probe = paraphrase_probe(TransformersBackend(model, tokenizer), tokenizer, ["A dog runs.", "A cat sleeps."],

@@ -7,15 +7,15 @@ import time
 import polars as pl
 import pytest
 
-from sempa_train.config import PrepareConfig, SampleConfig
-from sempa_train.generation import Generation, TransformersBackend, VLLMBackend, build_backend, vllm_available
-from sempa_train.io import read_dataset
-from sempa_train.models import load_tokenizer
-from sempa_train.prepare import prepare
-from sempa_train.sampling import plan_shards, premise_seed, run_shards, sample_candidates, work_dir_for
-from sempa_train.schemas import CANDIDATES_SCHEMA
-from sempa_train.templates import PARAPHRASE_TEMPLATES
-from sempa_train.text import clean_candidate, paraphrase_prompt
+from sempa_train.core.config import PrepareConfig, SampleConfig
+from sempa_train.core.io import read_dataset
+from sempa_train.core.models import load_tokenizer
+from sempa_train.core.schemas import CANDIDATES_SCHEMA
+from sempa_train.core.templates import PARAPHRASE_TEMPLATES
+from sempa_train.core.text import clean_candidate, paraphrase_prompt
+from sempa_train.stages.generation import Generation, TransformersBackend, VLLMBackend, build_backend, vllm_available
+from sempa_train.stages.prepare import prepare
+from sempa_train.stages.sampling import plan_shards, premise_seed, run_shards, sample_candidates, work_dir_for
 
 REQUIRE_VLLM = os.environ.get("SEMPA_REQUIRE_VLLM") == "1"  # set by .ci/run: no silent skip in CI
 
@@ -193,7 +193,7 @@ def test_kill_9_midway_then_resume(tiny_model_dir, tiny_triples, tmp_path):
 
 
 def test_auto_backend_follows_the_measurements(monkeypatch):
-    import sempa_train.generation as sampling
+    import sempa_train.stages.generation as sampling
 
     monkeypatch.setattr(sampling, "vllm_available", lambda: True)
     monkeypatch.setattr(sampling.torch.cuda, "is_available", lambda: False)
@@ -217,7 +217,7 @@ def test_busy_cores_sees_another_process():
     import subprocess
     import sys
 
-    from sempa_train.generation import busy_cores
+    from sempa_train.stages.generation import busy_cores
 
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:

@@ -16,8 +16,8 @@ import pytest
 from test_pipelines import prefect_harness  # noqa: F401 - module-scoped Prefect test server
 from test_sampling import cfg_for, tiny_triples  # noqa: F401 - fixtures
 
-from sempa_train.config import ClusterConfig
-from sempa_train.sampling import sample_candidates, work_dir_for
+from sempa_train.core.config import ClusterConfig
+from sempa_train.stages.sampling import sample_candidates, work_dir_for
 
 
 def free_port() -> int:

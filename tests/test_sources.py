@@ -4,7 +4,7 @@ import polars as pl
 import pytest
 from conftest import SAMPLE_NLI, write_jsonl
 
-from sempa_train.sources import SourceError, detect_format, group_triples, parse_label, read_nli
+from sempa_train.stages.sources import SourceError, detect_format, group_triples, parse_label, read_nli
 
 
 def pair(p: str, h: str, label: object) -> dict:

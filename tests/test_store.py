@@ -4,9 +4,9 @@ import threading
 import polars as pl
 import pytest
 
-from sempa_train.io import write_dataset
-from sempa_train.schemas import TRIPLES_SCHEMA
-from sempa_train.store import Store, content_key, dataset_hash
+from sempa_train.core.io import write_dataset
+from sempa_train.core.schemas import TRIPLES_SCHEMA
+from sempa_train.core.store import Store, content_key, dataset_hash
 
 
 def triples(tag: str) -> pl.DataFrame:

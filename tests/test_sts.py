@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sempa_train.evaluation import evaluate_sts, format_table, paired_bootstrap, spearman100, task_metrics
-from sempa_train.sts_data import STS_SUBSETS, STSDataError, STSSubset, load_senteval_task, load_tasks
+from sempa_train.stages.evaluation import evaluate_sts, format_table, paired_bootstrap, spearman100, task_metrics
+from sempa_train.stages.sts_data import STS_SUBSETS, STSDataError, STSSubset, load_senteval_task, load_tasks
 
 
 def make_senteval(root: Path) -> Path:

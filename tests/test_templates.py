@@ -1,6 +1,6 @@
 import pytest
 
-from sempa_train.templates import (
+from sempa_train.core.templates import (
     PARAPHRASE_TEMPLATES,
     fill,
     preprocess_sentence,

@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sempa_train.config import EmbedConfig, TrainConfig
-from sempa_train.embedding import load_encoder
-from sempa_train.io import read_manifest
-from sempa_train.train import to_trl_records, train_dpo
+from sempa_train.core.config import EmbedConfig, TrainConfig
+from sempa_train.core.io import read_manifest
+from sempa_train.stages.embedding import load_encoder
+from sempa_train.stages.train import to_trl_records, train_dpo
 
 SENTENCES = ["A dog runs in the park.", "Two women are drinking coffee.", "A chef slices vegetables."]
 
@@ -63,7 +63,7 @@ def test_trl_records_chat_and_plain():
 
 
 def test_effective_batch_is_kept_across_process_counts():
-    from sempa_train.train import accumulation_steps
+    from sempa_train.stages.train import accumulation_steps
 
     cfg = TrainConfig.preset("paper")
     assert [accumulation_steps(cfg, n) for n in (1, 2, 4, 8)] == [32, 16, 8, 4]

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def run_experiment(config: dict[str, Any], code: Path, work: Path) -> dict[str, Any]:
     """Run ``sempa experiment`` on ``config`` with the library at ``code``; return its results and wall time."""
-    from sempa_train.models import cache_dir
+    from sempa_train.core.models import cache_dir
 
     cache = work / "cache"
     cache.mkdir(parents=True)

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from sempa_train.io import code_version, now_iso, write_json
-from sempa_train.models import cpu_flags, cpu_has_fast_bf16
+from sempa_train.core.io import code_version, now_iso, write_json
+from sempa_train.core.models import cpu_flags, cpu_has_fast_bf16
 
 SPEED_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8",
                "amx_tile"}

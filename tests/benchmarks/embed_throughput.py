@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from common import save
 
-from sempa_train.config import EmbedConfig
-from sempa_train.embedding import PromptEOLEncoder, cosine, load_encoder
-from sempa_train.evaluation import spearman100
-from sempa_train.models import load_causal_lm
-from sempa_train.sts_data import load_senteval_task
-from sempa_train.templates import prompteol_prompt
+from sempa_train.core.config import EmbedConfig
+from sempa_train.core.models import load_causal_lm
+from sempa_train.core.templates import prompteol_prompt
+from sempa_train.stages.embedding import PromptEOLEncoder, cosine, load_encoder
+from sempa_train.stages.evaluation import spearman100
+from sempa_train.stages.sts_data import load_senteval_task
 
 STS7_SENTENCES = 37_700  # both sides of every pair of STS12-16, STS-B test and SICK-R test
 

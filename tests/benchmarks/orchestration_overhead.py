@@ -21,13 +21,13 @@ from pathlib import Path
 
 from common import prefect_server, save
 
-from sempa_train.evaluation import run_sts_eval
+from sempa_train.core.testing import build_tiny_llama
 from sempa_train.plan import RunConfig
-from sempa_train.prepare import prepare
-from sempa_train.ranking import rank
-from sempa_train.sampling import sample_candidates
-from sempa_train.testing import build_tiny_llama
-from sempa_train.train import train_dpo
+from sempa_train.stages.evaluation import run_sts_eval
+from sempa_train.stages.prepare import prepare
+from sempa_train.stages.ranking import rank
+from sempa_train.stages.sampling import sample_candidates
+from sempa_train.stages.train import train_dpo
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "nli_sample.jsonl"

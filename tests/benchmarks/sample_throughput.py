@@ -28,13 +28,13 @@ import time
 
 from common import save
 
-from sempa_train.config import SampleConfig
-from sempa_train.generation import build_backend, choose_backend
-from sempa_train.models import load_tokenizer, resolve_model, use_chat_template
-from sempa_train.sampling import premise_seed
-from sempa_train.sources import group_triples, read_nli
-from sempa_train.templates import PARAPHRASE_TEMPLATES
-from sempa_train.text import paraphrase_prompt
+from sempa_train.core.config import SampleConfig
+from sempa_train.core.models import load_tokenizer, resolve_model, use_chat_template
+from sempa_train.core.templates import PARAPHRASE_TEMPLATES
+from sempa_train.core.text import paraphrase_prompt
+from sempa_train.stages.generation import build_backend, choose_backend
+from sempa_train.stages.sampling import premise_seed
+from sempa_train.stages.sources import group_triples, read_nli
 
 
 def main() -> None:

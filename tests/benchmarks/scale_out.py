@@ -25,9 +25,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker process (
 
 from common import prefect_server, save  # noqa: E402
 
-from sempa_train.config import ClusterConfig, PrepareConfig, SampleConfig  # noqa: E402
-from sempa_train.prepare import prepare  # noqa: E402
-from sempa_train.sampling import sample_candidates  # noqa: E402
+from sempa_train.core.config import ClusterConfig, PrepareConfig, SampleConfig  # noqa: E402
+from sempa_train.stages.prepare import prepare  # noqa: E402
+from sempa_train.stages.sampling import sample_candidates  # noqa: E402
 
 
 def main() -> None:

@@ -40,13 +40,13 @@ RECIPE = {"learning_rate": 1e-4, "beta": 0.1, "warmup_ratio": 0.05, "lr_schedule
 
 def run_arm(arm: str, data: Path, model: str, steps: int, work: Path) -> dict[str, Any]:
     """Train one arm in this process and return its timings and log."""
-    from sempa_train.config import TrainConfig
+    from sempa_train.core.config import TrainConfig
 
     started = time.perf_counter()
     if arm == "trl_plain":
         history, setup = _trl_plain(data, model, steps, work / arm)
     else:
-        from sempa_train.train import train_dpo
+        from sempa_train.stages.train import train_dpo
 
         cfg = TrainConfig.preset("cpu").replace(model=model, max_steps=steps, **RECIPE,
                                                 **({"bf16": False} if arm == "sempa_fp32" else {}))
@@ -75,9 +75,9 @@ def _trl_plain(data: Path, model: str, steps: int, out: Path) -> tuple[list[dict
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from sempa_train.io import read_dataset
-    from sempa_train.models import load_tokenizer, resolve_model
-    from sempa_train.train import to_trl_records
+    from sempa_train.core.io import read_dataset
+    from sempa_train.core.models import load_tokenizer, resolve_model
+    from sempa_train.stages.train import to_trl_records
 
     path = resolve_model(model)
     tokenizer = load_tokenizer(path, padding_side="right")
@@ -113,9 +113,9 @@ def main() -> None:
         print("RESULT " + json.dumps(run_arm(args.arm, Path(args.data), args.model, args.steps, Path(args.work))))
         return
 
-    from sempa_train.config import PrepareConfig
-    from sempa_train.models import resolve_model
-    from sempa_train.prepare import prepare
+    from sempa_train.core.config import PrepareConfig
+    from sempa_train.core.models import resolve_model
+    from sempa_train.stages.prepare import prepare
 
     model = str(resolve_model(args.model))  # converted once, outside the timed arms
     with tempfile.TemporaryDirectory() as tmp:

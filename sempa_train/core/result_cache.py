@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sempa_train.io import atomic_dir, file_sha256
-from sempa_train.models import cache_dir, resolve_model
+from sempa_train.core.io import atomic_dir, file_sha256
+from sempa_train.core.models import cache_dir, resolve_model
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "config.json")
 

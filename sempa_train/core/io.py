@@ -31,7 +31,7 @@ from typing import Any
 import polars as pl
 
 from sempa_train import __version__
-from sempa_train.schemas import schema_for
+from sempa_train.core.schemas import schema_for
 
 DATA_FILE = "data.parquet"
 MANIFEST_FILE = "manifest.json"
@@ -138,7 +138,7 @@ def text_id(*parts: str) -> str:
 
 def code_version() -> str:
     """The package version plus the git commit of the source tree when there is one (``+dirty``)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],

@@ -23,8 +23,8 @@ from typing import Any
 
 import polars as pl
 
-from sempa_train.io import text_id
-from sempa_train.schemas import TRIPLES_SCHEMA
+from sempa_train.core.io import text_id
+from sempa_train.core.schemas import TRIPLES_SCHEMA
 
 ENTAILMENT, NEUTRAL, CONTRADICTION, NO_GOLD = 0, 1, 2, -1
 _STRING_LABELS = {"entailment": ENTAILMENT, "neutral": NEUTRAL, "contradiction": CONTRADICTION, "-": NO_GOLD}

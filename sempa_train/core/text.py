@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sempa_train.templates import PLAIN_SEPARATOR, fill
+from sempa_train.core.templates import PLAIN_SEPARATOR, fill
 
 _NON_WORD = re.compile(r"[^\w\s']+")
 _SPACES = re.compile(r"\s+")

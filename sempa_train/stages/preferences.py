@@ -9,9 +9,9 @@ from typing import Any
 
 import polars as pl
 
-from sempa_train.io import text_id
-from sempa_train.schemas import PREFERENCE_SCHEMA
-from sempa_train.templates import fill, resolve_template
+from sempa_train.core.io import text_id
+from sempa_train.core.schemas import PREFERENCE_SCHEMA
+from sempa_train.core.templates import fill, resolve_template
 
 
 def preference_row(

@@ -25,13 +25,13 @@ from typing import Any
 
 import polars as pl
 
-from sempa_train.config import RankConfig
-from sempa_train.io import read_dataset, read_manifest, write_dataset
-from sempa_train.preferences import gold_row, preference_row
-from sempa_train.schemas import PREFERENCE_SCHEMA
-from sempa_train.scoring import Scorer
-from sempa_train.templates import resolve_template
-from sempa_train.text import normalize_text
+from sempa_train.core.config import RankConfig
+from sempa_train.core.io import read_dataset, read_manifest, write_dataset
+from sempa_train.core.schemas import PREFERENCE_SCHEMA
+from sempa_train.core.templates import resolve_template
+from sempa_train.core.text import normalize_text
+from sempa_train.stages.preferences import gold_row, preference_row
+from sempa_train.stages.scoring import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def rank(
 
     ``scorer`` is built from ``cfg`` when not given (none for a gold run without filters that need one).
     """
-    from sempa_train.sts_data import evaluation_sentences
+    from sempa_train.stages.sts_data import evaluation_sentences
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -242,7 +242,7 @@ def rank(
                                                                                cfg.contamination_tasks)) \
         if cfg.contamination_dir else frozenset()
     if scorer is None and (cfg.strategy != "gold" or cfg.min_margin is not None):
-        from sempa_train.scoring import load_scorer
+        from sempa_train.stages.scoring import load_scorer
 
         scorer = load_scorer(cfg)
     ranked = rank_preferences(cfg, triples=triples_df, candidates=candidates_df, scorer=scorer,

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sempa_train import __version__
-from sempa_train.io import code_version, file_sha256, now_iso, read_json, read_manifest, write_json
+from sempa_train.core.io import code_version, file_sha256, now_iso, read_json, read_manifest, write_json
 
 _VERSION = re.compile(r"^v(\d{4,})$")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from sempa_train.templates import PARAPHRASE_TEMPLATES, PROMPTEOL_TEMPLATE
+from sempa_train.core.templates import PARAPHRASE_TEMPLATES, PROMPTEOL_TEMPLATE
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"

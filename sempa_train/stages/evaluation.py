@@ -21,13 +21,13 @@ import numpy as np
 import polars as pl
 from scipy.stats import spearmanr
 
-from sempa_train.config import EmbedConfig, EvalConfig
-from sempa_train.embedding import Encoder, cosine, encoder_kind, load_encoder
-from sempa_train.io import read_json, read_parquet, write_json, write_parquet
-from sempa_train.models import resolve_model
-from sempa_train.result_cache import lookup, model_fingerprint, result_key, store
-from sempa_train.schemas import PREDICTIONS_SCHEMA
-from sempa_train.sts_data import STSSubset, load_tasks
+from sempa_train.core.config import EmbedConfig, EvalConfig
+from sempa_train.core.io import read_json, read_parquet, write_json, write_parquet
+from sempa_train.core.models import resolve_model
+from sempa_train.core.result_cache import lookup, model_fingerprint, result_key, store
+from sempa_train.core.schemas import PREDICTIONS_SCHEMA
+from sempa_train.stages.embedding import Encoder, cosine, encoder_kind, load_encoder
+from sempa_train.stages.sts_data import STSSubset, load_tasks
 
 
 def spearman100(predicted: np.ndarray, gold: np.ndarray) -> float:

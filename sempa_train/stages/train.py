@@ -6,7 +6,7 @@ Output folder (written as one unit when training finishes)::
     OUT/merged/          base + adapter merged into a plain model folder (with save_merged)
     OUT/train_log.jsonl  TRL's log, one JSON object per logging step (loss, rewards/margins, ...)
     OUT/checkpoints.jsonl  with eval_every: STS and perplexity of every probed step (and scale); the adapter
-                         is the best one within the perplexity gate (``sempa_train.checkpoints``)
+                         is the best one within the perplexity gate (``sempa_train.stages.checkpoints``)
     OUT/metrics.json     summary: steps, runtime, final loss / reward accuracy / margin
     OUT/config.json      the resolved TrainConfig
     OUT/manifest.json    what produced it: base model, data folder and hash, config, code version
@@ -25,9 +25,8 @@ from typing import Any
 import polars as pl
 import torch
 
-from sempa_train.checkpoints import CheckpointProbe, Probes, SelectionGate, select_and_install
-from sempa_train.config import TrainConfig
-from sempa_train.io import (
+from sempa_train.core.config import TrainConfig
+from sempa_train.core.io import (
     code_version,
     file_sha256,
     now_iso,
@@ -38,7 +37,7 @@ from sempa_train.io import (
     write_json,
     write_text,
 )
-from sempa_train.models import (
+from sempa_train.core.models import (
     cache_dir,
     cpu_has_fast_bf16,
     load_tokenizer,
@@ -46,7 +45,8 @@ from sempa_train.models import (
     resolve_model,
     use_chat_template,
 )
-from sempa_train.templates import PLAIN_SEPARATOR
+from sempa_train.core.templates import PLAIN_SEPARATOR
+from sempa_train.stages.checkpoints import CheckpointProbe, Probes, SelectionGate, select_and_install
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
-    from sempa_train.fast_dpo import SharedPromptDPOTrainer
+    from sempa_train.stages.fast_dpo import SharedPromptDPOTrainer
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:

@@ -38,8 +38,8 @@ import polars as pl
 import torch
 from trl import DPOTrainer
 
-from sempa_train.io import write_parquet
-from sempa_train.result_cache import result_key
+from sempa_train.core.io import write_parquet
+from sempa_train.core.result_cache import result_key
 
 log = logging.getLogger(__name__)
 

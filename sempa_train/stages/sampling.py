@@ -1,7 +1,7 @@
 """The sample stage: n paraphrase candidates per premise from the policy model, sharded and resumable.
 
-The backends (vLLM or transformers, ``sempa_train.generation``) receive the same token ids: the premise
-in the paraphrase template, through the tokenizer's chat template when it has one (``sempa_train.text``).
+The backends (vLLM or transformers, ``sempa_train.stages.generation``) receive the same token ids: the premise
+in the paraphrase template, through the tokenizer's chat template when it has one (``sempa_train.core.text``).
 
 Work is split into shards of ``shard_size`` premises, each written atomically to a work folder
 beside the output (``.OUT.shards/``) as soon as it is done. A re-run with the same config skips
@@ -25,9 +25,8 @@ from typing import Any
 import polars as pl
 from tqdm.auto import tqdm
 
-from sempa_train.config import SampleConfig
-from sempa_train.generation import GenerationBackend, VLLMBackend, build_backend, resolve_backend
-from sempa_train.io import (
+from sempa_train.core.config import SampleConfig
+from sempa_train.core.io import (
     read_dataset,
     read_json,
     read_manifest,
@@ -37,15 +36,16 @@ from sempa_train.io import (
     write_json,
     write_parquet,
 )
-from sempa_train.models import (
+from sempa_train.core.models import (
     load_tokenizer,
     resolve_model,
     use_chat_template,
 )
-from sempa_train.procs import call_in_subprocess
-from sempa_train.schemas import CANDIDATES_SCHEMA
-from sempa_train.templates import resolve_template
-from sempa_train.text import clean_candidate, paraphrase_prompt
+from sempa_train.core.procs import call_in_subprocess
+from sempa_train.core.schemas import CANDIDATES_SCHEMA
+from sempa_train.core.templates import resolve_template
+from sempa_train.core.text import clean_candidate, paraphrase_prompt
+from sempa_train.stages.generation import GenerationBackend, VLLMBackend, build_backend, resolve_backend
 
 log = logging.getLogger(__name__)
 

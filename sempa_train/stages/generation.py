@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 import torch
 
-from sempa_train.config import GenerationParams, SampleConfig
-from sempa_train.models import cpu_has_avx512, left_pad, load_tokenizer, resolve_device, resolve_dtype
+from sempa_train.core.config import GenerationParams, SampleConfig
+from sempa_train.core.models import cpu_has_avx512, left_pad, load_tokenizer, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 

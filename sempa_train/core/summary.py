@@ -6,7 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
-from sempa_train.io import read_any
+from sempa_train.core.io import read_any
 
 
 def describe(path: Path, *, rows: int = 5) -> str:

@@ -1,6 +1,6 @@
 """Polars schemas of every table the pipeline writes, as values.
 
-Each stage's output is one of these tables. Reading and writing go through ``sempa_train.io``, which
+Each stage's output is one of these tables. Reading and writing go through ``sempa_train.core.io``, which
 checks the schema both ways, so a table that does not match is a clear error naming the file and the
 column. Column names of the preference table follow TRL (``prompt``, ``chosen``, ``rejected``), so
 it feeds ``DPOTrainer`` directly.

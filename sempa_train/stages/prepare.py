@@ -12,10 +12,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from sempa_train.config import PrepareConfig
-from sempa_train.io import atomic_dir, file_sha256, write_dataset
-from sempa_train.preferences import gold_preferences
-from sempa_train.sources import SourceError, group_triples, read_nli
+from sempa_train.core.config import PrepareConfig
+from sempa_train.core.io import atomic_dir, file_sha256, write_dataset
+from sempa_train.stages.preferences import gold_preferences
+from sempa_train.stages.sources import SourceError, group_triples, read_nli
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any, Self, TypeVar
 
 import yaml
 
-from sempa_train.templates import resolve_template
+from sempa_train.core.templates import resolve_template
 
 C = TypeVar("C", bound="StageConfig")
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import polars as pl
 
-from sempa_train.evaluation import predictions_path
-from sempa_train.io import read_json, resolve_dataset_file, write_text
+from sempa_train.core.io import read_json, resolve_dataset_file, write_text
+from sempa_train.stages.evaluation import predictions_path
 
 
 def _plt() -> Any:

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from sempa_train.embedding import PromptEOLEncoder, cosine
-from sempa_train.errors import RecordedFailure
-from sempa_train.evaluation import spearman100
-from sempa_train.retention import held_out_texts, paraphrase_probe, perplexity
-from sempa_train.sts_data import STSSubset, load_senteval_task
+from sempa_train.core.errors import RecordedFailure
+from sempa_train.stages.embedding import PromptEOLEncoder, cosine
+from sempa_train.stages.evaluation import spearman100
+from sempa_train.stages.retention import held_out_texts, paraphrase_probe, perplexity
+from sempa_train.stages.sts_data import STSSubset, load_senteval_task
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ class ProbeResult:
 @functools.cache
 def _similarity_encoder() -> Any:
     """The sentence encoder that scores paraphrases (the one retention uses), loaded once per process."""
-    from sempa_train.embedding import load_encoder
-    from sempa_train.retention import SIMILARITY_ENCODER
+    from sempa_train.stages.embedding import load_encoder
+    from sempa_train.stages.retention import SIMILARITY_ENCODER
 
     return load_encoder(SIMILARITY_ENCODER, show_progress=False)
 
@@ -106,7 +106,7 @@ def probe(model: Any, tokenizer: Any, probes: Probes, *, bf16: bool = False) -> 
             ppl = perplexity(model, tokenizer, probes.texts)
             similarity = None
             if probes.paraphrase_sources:
-                from sempa_train.generation import TransformersBackend
+                from sempa_train.stages.generation import TransformersBackend
 
                 similarity = paraphrase_probe(TransformersBackend(model, tokenizer), tokenizer,
                                               list(probes.paraphrase_sources), _similarity_encoder(),

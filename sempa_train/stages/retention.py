@@ -21,15 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from sempa_train.config import GenerationParams, RetentionConfig
-from sempa_train.embedding import Encoder, cosine
-from sempa_train.generation import TransformersBackend
-from sempa_train.io import file_sha256, read_json, write_json
-from sempa_train.models import load_causal_lm, resolve_device, resolve_dtype, use_chat_template
-from sempa_train.result_cache import lookup, model_fingerprint, result_key, store
-from sempa_train.sources import clean_text
-from sempa_train.templates import resolve_template
-from sempa_train.text import clean_candidate, normalize_text, paraphrase_prompt
+from sempa_train.core.config import GenerationParams, RetentionConfig
+from sempa_train.core.io import file_sha256, read_json, write_json
+from sempa_train.core.models import load_causal_lm, resolve_device, resolve_dtype, use_chat_template
+from sempa_train.core.result_cache import lookup, model_fingerprint, result_key, store
+from sempa_train.core.templates import resolve_template
+from sempa_train.core.text import clean_candidate, normalize_text, paraphrase_prompt
+from sempa_train.stages.embedding import Encoder, cosine
+from sempa_train.stages.generation import TransformersBackend
+from sempa_train.stages.sources import clean_text
 
 SIMILARITY_ENCODER = "all-minilm-l6-v2"  # scores a paraphrase's similarity to its source (not the policy itself)
 
@@ -145,7 +145,7 @@ def _run_probes(model: str, adapter: str | Path | None, cfg: RetentionConfig, en
         chat = use_chat_template(cfg.chat_template, tokenizer)
         result["paraphrase"] = paraphrase_probe(TransformersBackend(lm, tokenizer), tokenizer,
                                                 texts[: cfg.paraphrases], encoder, template=cfg.template, chat=chat)
-    from sempa_train.models import resolve_model
+    from sempa_train.core.models import resolve_model
 
     result["lm_eval"] = lm_eval_probe(resolve_model(model), Path(adapter) if adapter else None,
                                       cfg.lm_eval_tasks, cfg.lm_eval_limit)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sempa_train.config import EmbedConfig, EvalConfig, GateConfig, RetentionConfig
-from sempa_train.evaluation import delta_intervals, format_table, predictions_path, run_sts_eval
-from sempa_train.io import code_version, now_iso, read_json, write_json
-from sempa_train.sts_data import STSSubset, load_tasks
+from sempa_train.core.config import EmbedConfig, EvalConfig, GateConfig, RetentionConfig
+from sempa_train.core.io import code_version, now_iso, read_json, write_json
+from sempa_train.stages.evaluation import delta_intervals, format_table, predictions_path, run_sts_eval
+from sempa_train.stages.sts_data import STSSubset, load_tasks
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ def assess(
     tasks: dict[str, list[STSSubset]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (and ``model`` + ``adapter``), write the files above, enforce the gates."""
-    from sempa_train.report import build_report
-    from sempa_train.retention import SIMILARITY_ENCODER, compare, run_retention
+    from sempa_train.stages.report import build_report
+    from sempa_train.stages.retention import SIMILARITY_ENCODER, compare, run_retention
 
     out_dir = Path(out_dir)
     embed = embed or EmbedConfig()
@@ -148,7 +148,7 @@ def assess(
                                                                  if tuned else {}), **(inputs or {})},
     }
     if retention is not None:
-        from sempa_train.embedding import load_encoder
+        from sempa_train.stages.embedding import load_encoder
 
         encoder = load_encoder(SIMILARITY_ENCODER, show_progress=False)
         probes = {"base": run_retention(model, None, retention, encoder, cache=eval_cfg.cache_base)}

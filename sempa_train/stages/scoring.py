@@ -14,9 +14,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from sempa_train.config import EmbedConfig, RankConfig
-from sempa_train.embedding import Encoder, cosine, load_encoder
-from sempa_train.models import resolve_device, resolve_model
+from sempa_train.core.config import EmbedConfig, RankConfig
+from sempa_train.core.models import resolve_device, resolve_model
+from sempa_train.stages.embedding import Encoder, cosine, load_encoder
 
 DEFAULT_SCORER_MODELS = {"embedding": "all-minilm-l6-v2", "policy": "smollm2-135m-instruct"}
 

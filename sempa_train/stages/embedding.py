@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sempa_train.config import EmbedConfig
-from sempa_train.models import (
+from sempa_train.core.config import EmbedConfig
+from sempa_train.core.models import (
     is_sentence_transformers_folder,
     left_pad,
     load_causal_lm,
@@ -39,7 +39,7 @@ from sempa_train.models import (
     resolve_dtype,
     resolve_model,
 )
-from sempa_train.templates import PROMPTEOL_TEMPLATE, prompteol_prompt
+from sempa_train.core.templates import PROMPTEOL_TEMPLATE, prompteol_prompt
 
 log = logging.getLogger(__name__)
 
