@@ -128,3 +128,15 @@ def test_checkpoint_plot_has_a_panel_per_probe(trained, tmp_path):
     _, result = trained
     assert plot_checkpoints(result.out_dir / "checkpoints.jsonl", tmp_path / "c.png")
     assert plt.imread(tmp_path / "c.png").shape[1] == 3 * 5 * 110  # STS, perplexity ratio, paraphrase change
+
+
+def test_probes_can_skip_the_texts_the_final_retention_reads(tmp_path):
+    from test_sts import make_senteval
+
+    from sempa_train.stages.checkpoints import Probes
+
+    text = tmp_path / "held.txt"
+    text.write_text("".join(f"Sentence number {i}.\n" for i in range(10)))
+    probes = Probes.load(make_senteval(tmp_path / "s"), 4, text, 3, paraphrases=2, offset=5)
+    assert probes.texts == ["Sentence number 5.", "Sentence number 6.", "Sentence number 7."]
+    assert probes.paraphrase_sources == ("Sentence number 5.", "Sentence number 6.")

@@ -242,8 +242,8 @@ class TrainConfig(StageConfig):
     ``learning_rate``, ``warmup_ratio``, ``lr_scheduler``, ``epochs``, ``max_steps``,
     ``batch_size``, ``gradient_accumulation_steps``, ``max_length``. Speed: ``precompute_ref_log_probs``,
     ``cache_ref_log_probs``, ``share_prompt``, ``gradient_checkpointing``. Checkpoint selection: ``eval_every``,
-    ``eval_senteval_dir``, ``eval_sts_split``, ``eval_sts_pairs``, ``eval_text_file``, ``eval_texts``,
-    ``eval_paraphrases``, ``select_max_perplexity_ratio``, ``select_min_paraphrase_delta``, ``select_scales``.
+    ``eval_senteval_dir``, ``eval_sts_split``, ``eval_sts_pairs``, ``eval_text_file``, ``eval_text_offset``,
+    ``eval_texts``, ``eval_paraphrases``, ``select_max_perplexity_ratio``, ``select_min_paraphrase_delta``, ``select_scales``.
     Output: ``save_merged``.
     Presets: ``paper`` (the paper's recipe, for GPUs) and ``cpu`` (small batches, precomputed and cached
     reference log-probs, bf16 only where the CPU has bf16 units).
@@ -297,8 +297,10 @@ class TrainConfig(StageConfig):
     eval_text_file: str = option("data/heldout_text.txt", "held-out text of the perplexity probe (.txt or NLI .jsonl); "
                                  "must be text no arm trains on")
     eval_texts: int = option(100, "held-out texts in the perplexity probe")
-    eval_paraphrases: int = option(40, "held-out texts (the first N of eval_text_file) paraphrased greedily at each "
-                                   "probe and scored for similarity to their source (0: no paraphrase probe)")
+    eval_paraphrases: int = option(40, "held-out texts (the first N read) paraphrased greedily at each probe and "
+                                   "scored for similarity to their source (0: no paraphrase probe)")
+    eval_text_offset: int = option(0, "skip the first N distinct texts of eval_text_file, e.g. the ones the final "
+                                   "retention probes read from the same file, so selection does not see them")
     eval_template: str = option("P1", "paraphrase template of the in-training paraphrase probe (a fixed yardstick, "
                                 "like retention.template; the training prompts come with the data)")
     select_max_perplexity_ratio: float | None = option(
@@ -341,6 +343,7 @@ class TrainConfig(StageConfig):
         for name in ("eval_sts_pairs", "eval_texts"):
             _check_positive(name, getattr(self, name))
         _check_positive("eval_paraphrases", self.eval_paraphrases, allow_zero=True)
+        _check_positive("eval_text_offset", self.eval_text_offset, allow_zero=True)
         if any(not 0 <= s <= 2 for s in self.select_scales):
             raise ValueError(f"select_scales must lie in [0, 2], got {list(self.select_scales)}")
         if self.select_scales and not self.eval_every:

@@ -56,15 +56,16 @@ class Probes:
 
     @classmethod
     def load(cls, senteval_dir: str | Path, pairs: int, text_file: str | Path, texts: int, seed: int = 0,
-             split: str = "train", paraphrases: int = 0, template: str = "P1", chat: bool = True) -> Probes:
+             split: str = "train", paraphrases: int = 0, template: str = "P1", chat: bool = True,
+             offset: int = 0) -> Probes:
         """A seeded subset of ``pairs`` STS-B pairs of ``split`` and the first ``texts`` held-out texts (of which
-        the first ``paraphrases`` are paraphrased at each probe)."""
+        the first ``paraphrases`` are paraphrased at each probe), after skipping ``offset`` texts."""
         dev = load_senteval_task(Path(senteval_dir), "STSBenchmark", split)[0]
         rng = np.random.default_rng(seed)
         idx = np.sort(rng.choice(len(dev), size=min(pairs, len(dev)), replace=False))
         subset = STSSubset(task=dev.task, name=dev.name, split=dev.split, sent1=[dev.sent1[i] for i in idx],
                            sent2=[dev.sent2[i] for i in idx], scores=dev.scores[idx])
-        held_out = held_out_texts(text_file, max(texts, paraphrases))
+        held_out = held_out_texts(text_file, offset + max(texts, paraphrases))[offset:]
         return cls(sts=subset, texts=held_out[:texts], paraphrase_sources=tuple(held_out[:paraphrases]),
                    template=template, chat=chat)
 

@@ -154,7 +154,8 @@ def _checkpoint_probe(cfg: TrainConfig, tokenizer: Any, checkpoint_dir: Path, bf
     if processes > 1:
         raise ValueError("eval_every (checkpoint selection) runs in a single process; launch without accelerate")
     probes = Probes.load(cfg.eval_senteval_dir, cfg.eval_sts_pairs, cfg.eval_text_file, cfg.eval_texts, cfg.seed,
-                         cfg.eval_sts_split, paraphrases=cfg.eval_paraphrases, template=cfg.eval_template, chat=chat)
+                         cfg.eval_sts_split, paraphrases=cfg.eval_paraphrases, template=cfg.eval_template, chat=chat,
+                         offset=cfg.eval_text_offset)
     return CheckpointProbe(tokenizer, probes, cfg.eval_every, checkpoint_dir, bf16=bf16)
 
 
