@@ -243,8 +243,8 @@ class TrainConfig(StageConfig):
     ``batch_size``, ``gradient_accumulation_steps``, ``max_length``. Speed: ``precompute_ref_log_probs``,
     ``cache_ref_log_probs``, ``share_prompt``, ``gradient_checkpointing``. Checkpoint selection: ``eval_every``,
     ``eval_senteval_dir``, ``eval_sts_split``, ``eval_sts_pairs``, ``eval_text_file``, ``eval_text_offset``,
-    ``eval_texts``, ``eval_paraphrases``, ``select_max_perplexity_ratio``, ``select_min_paraphrase_delta``, ``select_scales``.
-    Output: ``save_merged``.
+    ``eval_texts``, ``eval_paraphrases``, ``eval_template``, ``select_max_perplexity_ratio``,
+    ``select_min_paraphrase_delta``, ``select_scales``. Output: ``save_merged``.
     Presets: ``paper`` (the paper's recipe, for GPUs) and ``cpu`` (small batches, precomputed and cached
     reference log-probs, bf16 only where the CPU has bf16 units).
     """
