@@ -120,6 +120,13 @@ def test_gold_and_hybrid():
                             candidates=CANDIDATES, scorer=TableScorer(SCORES))
     assert none.table["chosen_origin"].to_list() == ["gold", "gold"]
 
+    entail = 'Write a sentence that is true whenever this one is: "{sentence}"'
+    mixed = rank_preferences(RankConfig(strategy="hybrid", hybrid_fraction=1.0, gold_template=entail),
+                             triples=triples_df(), candidates=CANDIDATES, scorer=TableScorer(SCORES))
+    sampled_row, gold_row = mixed.table.iter_rows(named=True)
+    assert sampled_row["template_id"] == "P1" and sampled_row["prompt"].startswith("Keep the same meaning")
+    assert gold_row["template_id"] == "custom" and gold_row["prompt"].startswith("Write a sentence that is true")
+
 
 def test_margin_and_contamination_filters():
     ranked = rank_preferences(RankConfig(strategy="gold", min_margin=0.45), triples=triples_df(), candidates=None,

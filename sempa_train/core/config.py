@@ -511,6 +511,9 @@ class RankConfig(StageConfig):
                            "or the worst-scored candidate", choices=REJECTED)
     hybrid_fraction: float = option(0.5, "hybrid: fraction of premises that use the sampled pair")
     template: str = option("P1", "paraphrase template of the prompt: P1-P5 or a custom text with {sentence}")
+    gold_template: str | None = option(None, "template of the gold pairs' prompts (None: template); e.g. an "
+                                       "entailment instruction for gold rows while sampled rows keep the "
+                                       "paraphrase template")
     min_length_ratio: float = option(0.5, "drop candidates shorter than this x the premise (in words)")
     max_length_ratio: float = option(2.0, "drop candidates longer than this x the premise (in words)")
     drop_truncated: bool = option(True, "drop candidates that hit max_tokens")
@@ -524,6 +527,8 @@ class RankConfig(StageConfig):
     def __post_init__(self) -> None:
         self._check_choices()
         resolve_template(self.template)
+        if self.gold_template is not None:
+            resolve_template(self.gold_template)
         if not 0 <= self.hybrid_fraction <= 1:
             raise ValueError(f"hybrid_fraction must be in [0, 1], got {self.hybrid_fraction!r}")
         if not 0 <= self.min_length_ratio <= self.max_length_ratio:

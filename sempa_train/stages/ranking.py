@@ -144,7 +144,7 @@ def rank_preferences(
             if row is None and cfg.strategy == "hybrid" and triple is not None:
                 drops["hybrid_fallback_to_gold"] += 1
         if row is None and triple is not None and cfg.strategy != "sampled":
-            row = gold_row(triple, template=cfg.template, strategy=cfg.strategy, scores=scores)
+            row = gold_row(triple, template=cfg.gold_template or cfg.template, strategy=cfg.strategy, scores=scores)
         if row is None:
             continue
         if cfg.min_margin is not None and row["margin"] is not None and row["margin"] < cfg.min_margin:
