@@ -43,6 +43,7 @@ def test_deployment_run_full_completes(local_prefect, tiny_model_dir, tmp_path):
 
     root = tmp_path / "store"
     params = {
+        "config": None,  # not the deployment's default recipe (real SmolLM2 on the shared data): a tiny plan
         "model": str(tiny_model_dir),
         "prepare": {"source": str(SAMPLE_NLI), "max_premises": 8},
         "sample": {"backend": "transformers", "n": 2, "max_tokens": 12, "shard_size": 4, "dtype": "float32"},

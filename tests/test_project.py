@@ -29,3 +29,16 @@ def test_the_library_never_imports_prefect_or_the_pipelines():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert name.split(".")[0] not in ("prefect", "prefect_dask", "pipelines"), f"{path}: imports {name}"
+
+
+def test_the_default_recipe_is_a_valid_run_config():
+    import yaml
+
+    from sempa_train.cli import RECIPE
+    from sempa_train.plan import RunConfig
+
+    cfg = RunConfig.build(RECIPE)
+    assert cfg.train.eval_every and cfg.train.select_min_paraphrase_delta is not None
+    assert cfg.eval.split == "dev"  # tuned on dev only
+    full = next(d for d in yaml.safe_load((REPO / "flows.yaml").read_text())["deployments"] if d["name"] == "full")
+    assert (REPO / full["parameters"]["config"]).resolve() == RECIPE
