@@ -1,7 +1,8 @@
 """Compare arms under the same budget: ``sempa experiment CONFIG.yaml``, a runner of the one stage plan.
 
 The config has a run config's sections (``prepare``, ``sample``, ``rank``, ``train``, ``eval``,
-``embed``, ``retention``, ``gates``) shared by every arm, plus ``name``, ``out``, ``model`` and the
+``embed``, ``retention``, ``gates``; or ``config``: a run config file that holds them, the file's own
+sections overriding it) shared by every arm, plus ``name``, ``out``, ``model`` and the
 arms: ``strategies`` (arm name → section overrides) and/or ``grid`` (``SECTION.FIELD`` → list of
 values; one arm per combination). Each arm is the plan (``sempa_train.plan``)
 run with its own config in one store under ``out``; stages whose content keys are equal across arms
@@ -67,6 +68,9 @@ def load_experiment(path: Path) -> tuple[str, Path, RunConfig, dict[str, RunConf
     """``(name, out, shared config, {arm: config})`` from an experiment YAML file."""
     path = Path(path)
     values = read_yaml_mapping(path, "an experiment config")
+    if "config" in values:  # a run config file holds the shared sections; the experiment's own sections override
+        shared = read_yaml_mapping(Path(values.pop("config")), "a run config")
+        values = {**values, **{k: v for k, v in merge_sections(shared, values).items() if v}}
     name, out, arms = values.pop("name", path.stem), values.pop("out", None), dict(values.pop("strategies", None) or {})
     try:
         for arm, overrides in expand_grid(values.pop("grid", None) or {}).items():

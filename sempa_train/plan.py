@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -227,7 +228,16 @@ def _train(cfg: RunConfig, inputs: Mapping[str, Path], out: Path) -> None:
 def _evaluate(cfg: RunConfig, inputs: Mapping[str, Path], out: Path) -> None:
     from sempa_train.stages.assessment import assess
 
-    assess(cfg.policy_model, inputs.get("adapter"), out, eval_cfg=cfg.eval, embed=cfg.embed,
+    adapter = inputs.get("adapter")
+    if adapter is not None and cfg.eval.adapter_scale != 1.0:  # the evaluated adapter is kept in the stage folder
+        from sempa_train.stages.checkpoints import scale_adapter_file
+
+        scaled = out / f"adapter-x{cfg.eval.adapter_scale:g}"
+        shutil.rmtree(scaled, ignore_errors=True)
+        shutil.copytree(adapter, scaled)
+        scale_adapter_file(scaled, cfg.eval.adapter_scale)
+        adapter = scaled
+    assess(cfg.policy_model, adapter, out, eval_cfg=cfg.eval, embed=cfg.embed,
            retention=cfg.retention, gates=cfg.gates,
            inputs={name: str(inputs[name]) for name in ("preferences", "train_log", "adapter") if name in inputs})
 

@@ -118,3 +118,34 @@ def test_grid_expands_to_one_arm_per_combination(tmp_path):
     assert list(configs) == ["plain", "beta=0.1", "beta=0.5"] and configs["beta=0.5"].train.beta == 0.5
     with pytest.raises(ValueError, match="grid key 'beta' must be SECTION.FIELD"):
         expand_grid({"beta": [0.1]})
+
+    run_config = tmp_path / "run.yaml"  # shared sections from a run config file, overridden by the experiment's
+    run_config.write_text("rank: {strategy: gold}\ntrain: {beta: 0.3, max_steps: 7}\n")
+    config.write_text(f"config: {run_config}\nout: x\ntrain: {{max_steps: 9}}\nstrategies: {{plain: {{}}}}\n")
+    _, _, base, configs = load_experiment(config)
+    assert (base.train.beta, base.train.max_steps, configs["plain"].train.max_steps) == (0.3, 9, 9)
+
+
+def test_a_scale_sweep_reuses_the_trained_adapter(tmp_path, tiny_model_dir):
+    import pytest
+
+    from sempa_train.stages.assessment import Evaluation
+
+    senteval = make_senteval(tmp_path / "senteval")
+    config = tmp_path / "scales.yaml"
+    out = tmp_path / "exp"
+    config.write_text(f"""
+out: {out}
+model: {tiny_model_dir}
+prepare: {{source: {SAMPLE_NLI}, max_premises: 8}}
+rank: {{strategy: gold}}
+train: {{max_steps: 2, batch_size: 2, learning_rate: 0.05}}
+eval: {{senteval_dir: {senteval}, tasks: [STSBenchmark], split: dev}}
+embed: {{dtype: float32}}
+grid: {{eval.adapter_scale: [1.0, 0.0]}}
+""")
+    assert main(["experiment", str(config)]) == 0
+    assert len(list((out / "stages" / "train").iterdir())) == 1  # one training, two evaluations
+    zero = Evaluation.load(out / "adapter_scale=0.0" / "eval")
+    assert zero.sts["STSBenchmark"] == pytest.approx(zero.sts_base["STSBenchmark"], abs=1e-6)  # scale 0: the base
+    assert (out / "adapter_scale=0.0" / "eval" / "adapter-x0").is_dir()

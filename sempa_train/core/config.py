@@ -406,9 +406,13 @@ class EvalConfig(StageConfig):
                                       "unset: load the MTEB copies from the Hugging Face Hub")
     cache_base: bool = option(True, "reuse the untuned model's STS and retention results from $SEMPA_CACHE_DIR/results "
                               "(keyed by model weights, tasks, split, embedding/retention config and data content)")
+    adapter_scale: float = option(1.0, "evaluate the adapter with its LoRA update scaled by this factor (1: as "
+                                  "trained): sweeping it maps the embedding/generation trade-off without training")
 
     def __post_init__(self) -> None:
         self._check_choices()
+        if not 0 <= self.adapter_scale <= 2:
+            raise ValueError(f"adapter_scale must lie in [0, 2], got {self.adapter_scale!r}")
         if not self.tasks:
             raise ValueError("tasks must name at least one STS task")
         for task in self.tasks:
