@@ -83,6 +83,10 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
         "--senteval-dir": {"help": "SentEval data folder for STS-B dev (default: the Hub, online only)"},
         "--tasks": {"help": "comma-separated STS tasks (default STSBenchmark)"},
         "--split": {"choices": ("dev", "test"), "help": "STS-B / SICK split (default dev)"},
+        "--set": {"action": "append", "default": [], "metavar": "SECTION.FIELD=VALUE",
+                  "help": "override one config field, value in YAML (repeatable), e.g. --set eval.adapter_scale=0.8"},
+        "--stages": {"help": "comma-separated stages to run (default: all the config needs), e.g. evaluate"},
+        "--adapter": {"type": Path, "help": "LoRA adapter folder to evaluate (with --stages evaluate)"},
     }
     for flag, kwargs in run_flags.items():
         p.add_argument(flag, **kwargs)
@@ -240,19 +244,30 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _cmd_run(args: argparse.Namespace) -> None:
     from datetime import UTC, datetime
 
-    from sempa_train.plan import RunConfig
+    import yaml
+
+    from sempa_train.plan import STAGE_NAMES, RunConfig
     from sempa_train.workflow import run_method
 
-    overrides = {
+    overrides: dict[str, dict[str, Any]] = {
         "prepare": {"source": args.source} if args.source else {},
         "train": {"max_steps": args.max_steps} if args.max_steps is not None else {},
         "eval": {k: v for k, v in {"senteval_dir": args.senteval_dir, "tasks": args.tasks,
                                    "split": args.split}.items() if v is not None},
     }
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. eval.adapter_scale=0.8")
+        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
     cfg = RunConfig.build(args.config, preset=args.preset, overrides=overrides, model=args.model)
     out = args.out or Path("outputs") / f"run-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
-    summary = run_method(cfg, out, overwrite=args.overwrite)
-    print(summary["sts"]["table"])
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else STAGE_NAMES
+    summary = run_method(cfg, out, overwrite=args.overwrite, stages=stages,
+                         given={"adapter": args.adapter} if args.adapter else None)
+    if summary["sts"]:
+        print(summary["sts"]["table"])
     compare = (summary.get("retention") or {}).get("compare")
     if compare:
         print(f"perplexity ratio (tuned / base): {compare['perplexity_ratio']:.3f}")

@@ -87,6 +87,16 @@ def test_run_whole_method_on_tiny_model(tmp_path, tiny_model_dir, capsys):
     assert main(["report", str(out)]) == 0  # rebuilt from saved outputs only
     assert (out / "eval" / "report.md").read_text() == report and (out / "eval" / "sts_bars.png").is_file()
 
+    # evaluate only, a given adapter at another scale (scale 0: the base model)
+    code = main(["run", "--config", str(config), "--model", str(tiny_model_dir), "--senteval-dir", str(root),
+                 "--stages", "evaluate", "--adapter", str(out / "model" / "adapter"), "--set", "eval.adapter_scale=0",
+                 "--out", str(tmp_path / "scaled")])
+    assert code == 0
+    scaled = json.loads((tmp_path / "scaled" / "summary.json").read_text())
+    assert list(scaled["stages"]) == ["evaluate"] and scaled["train"] is None
+    assert scaled["sts"]["tuned"] == pytest.approx(scaled["sts"]["base"], abs=1e-6)
+    assert main(["run", "--config", str(config), "--set", "evalsplit=dev"]) == 2  # a malformed --set is refused
+
 
 def test_help_explains_every_subcommand():
     result = subprocess.run([sys.executable, "-m", "sempa_train.cli", "train", "--help"], capture_output=True,
