@@ -24,6 +24,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.runtime import flow_run
 
 from sempa_train.core.io import read_json, read_manifest
@@ -54,6 +55,8 @@ def stage_task(step: Step) -> str:
             call_in_subprocess(run_step, step, show_progress=False)
     else:
         call_in_subprocess(run_step, step)
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:  # called as .fn(): no run to attach to
+        return str(step.out)
     for artifact, sub in step.stage.produces.items():
         if name in DATA_STAGES:
             dataset_artifact(step.out / sub if sub else step.out, artifact)

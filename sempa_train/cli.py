@@ -68,9 +68,10 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
 
     p = sub.add_parser("run", help="the whole plan in this process: prepare, (sample,) rank, train, evaluate",
                        description="Run the pipeline's stage plan end to end on one machine. Default: the recipe "
-                       f"{RECIPE.name} (SmolLM2-135M-Instruct on 1,000 SNLI-dev premises from ../shared/data, half its own "
-                       "paraphrases, half gold pairs; about 30 minutes on 2 cores; see the file). Outputs go to --out (default outputs/run-<time>); "
-                       "running again with the same --out reuses every finished stage.")
+                       f"{RECIPE.name} (SmolLM2-135M-Instruct on 1,000 SNLI-dev premises from ../shared/data, half "
+                       "its own paraphrases, half gold pairs; about 30 minutes on 2 cores; see the file). Outputs go "
+                       "to --out (default outputs/run-<time>); running again with the same --out reuses every "
+                       "finished stage.")
     run_flags: dict[str, dict[str, Any]] = {
         "--config": {"type": Path, "default": RECIPE,
                      "help": f"YAML run config (sections policy, prepare, sample, rank, train, eval, ...; default "

@@ -60,19 +60,25 @@ strategies:
     assert "Not evaluated yet: sampled." in (out / "results.md").read_text()
 
 
-def test_arm_without_a_passing_checkpoint_is_recorded_and_skipped(tmp_path, tiny_model_dir):
+def tiny_experiment(tmp_path, model, body: str):
+    """An experiment file on the tiny model and 8 premises of the NLI sample, with ``body`` (rank, train, arms)."""
     senteval = make_senteval(tmp_path / "senteval")
-    config = tmp_path / "exp.yaml"
-    out = tmp_path / "exp"
+    config, out = tmp_path / "exp.yaml", tmp_path / "exp"
     config.write_text(f"""
 out: {out}
-model: {tiny_model_dir}
+model: {model}
 prepare: {{source: {SAMPLE_NLI}, max_premises: 8}}
+eval: {{senteval_dir: {senteval}, tasks: [STSBenchmark], split: dev}}
+embed: {{dtype: float32}}
+""" + body.format(senteval=senteval))
+    return config, out
+
+
+def test_arm_without_a_passing_checkpoint_is_recorded_and_skipped(tmp_path, tiny_model_dir):
+    config, out = tiny_experiment(tmp_path, tiny_model_dir, """
 rank: {{strategy: gold}}
 train: {{max_steps: 2, batch_size: 2, eval_every: 1, eval_senteval_dir: {senteval}, eval_texts: 3,
          select_max_perplexity_ratio: 1.0e-6}}
-eval: {{senteval_dir: {senteval}, tasks: [STSBenchmark], split: dev}}
-embed: {{dtype: float32}}
 strategies:
   strict: {{}}
 """)
@@ -131,17 +137,9 @@ def test_a_scale_sweep_reuses_the_trained_adapter(tmp_path, tiny_model_dir):
 
     from sempa_train.stages.assessment import Evaluation
 
-    senteval = make_senteval(tmp_path / "senteval")
-    config = tmp_path / "scales.yaml"
-    out = tmp_path / "exp"
-    config.write_text(f"""
-out: {out}
-model: {tiny_model_dir}
-prepare: {{source: {SAMPLE_NLI}, max_premises: 8}}
+    config, out = tiny_experiment(tmp_path, tiny_model_dir, """
 rank: {{strategy: gold}}
 train: {{max_steps: 2, batch_size: 2, learning_rate: 0.05}}
-eval: {{senteval_dir: {senteval}, tasks: [STSBenchmark], split: dev}}
-embed: {{dtype: float32}}
 grid: {{eval.adapter_scale: [1.0, 0.0]}}
 """)
     assert main(["experiment", str(config)]) == 0
