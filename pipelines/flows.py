@@ -27,7 +27,7 @@ from sempa_train.core.io import read_json
 from sempa_train.core.store import Store
 from sempa_train.plan import DATA_STAGES, STAGE_NAMES, RunConfig, execute
 
-Stage = Literal["prepare", "sample", "rank", "train", "evaluate"]
+Stage = Literal[STAGE_NAMES]  # type: ignore[valid-type] - the plan's stage names, for Prefect's parameter schema
 
 
 @flow(name="sempa", log_prints=True)
