@@ -2,13 +2,12 @@
 
 Layout under ``root``::
 
-    stages/<stage>/<key>/          one stage output; <key> hashes the stage config and the content
-                                   hashes of its inputs, so a re-run with the same inputs finds it
+    stages/<stage>/<key>/          one stage output (datasets, a trained adapter, an evaluation); <key>
+                                   hashes the stage config and the content hashes of its inputs, so a
+                                   re-run with the same inputs finds it (``sempa_train.plan``)
     datasets/<name>/v0001/         an immutable dataset version: triples/, candidates/, preferences/
                                    and a manifest (stage keys, config, code version, creating run)
     datasets/<name>/latest.json    pointer to the newest version (and a ``latest`` symlink)
-    models/<name>-<key>/           a trained adapter (key: train config + data hash); its manifest names
-                                   the data version it was trained on
 
 Versions are published under a file lock: a version number is taken and the folder renamed into
 place in one step, so two refresh runs at once get two versions and neither sees a partial one.
