@@ -17,6 +17,7 @@ from sempa_train import cli
 
 
 def add_prefect_command(sub: Any) -> None:
+    """The ``sempa prefect`` subcommand's parser."""
     p = sub.add_parser("prefect", help="local Prefect: up (server, pool, deployments, worker), run, status, down",
                        description="Set up Prefect locally in one step: `up` starts a server on 127.0.0.1 "
                        "(embedded SQLite), creates the process work pool, deploys flows.yaml, starts a worker and "
@@ -31,7 +32,7 @@ def add_prefect_command(sub: Any) -> None:
 
 
 def prefect_command(args: argparse.Namespace) -> None:
-
+    """Bring the local Prefect stack up or down, run a deployment and wait, or print its status."""
     from pipelines.local import LocalPrefect, PrefectUnavailableError
 
     local = LocalPrefect(port=args.port, state_dir=args.state_dir)
@@ -62,6 +63,7 @@ def prefect_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``sempa`` console script."""
     return cli.main(argv, extend=add_prefect_command, commands={"prefect": prefect_command})
 
 
