@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sempa_train.core.errors import RecordedFailure
-from sempa_train.core.io import code_version, now_iso, read_json, write_json, write_text
+from sempa_train.core.io import code_version, now_iso, read_config_file, read_json, write_json, write_text
 from sempa_train.core.store import Store
 from sempa_train.plan import (
     SECTIONS,
@@ -34,7 +34,6 @@ from sempa_train.plan import (
     execute,
     link_outputs,
     merge_sections,
-    read_yaml_mapping,
     run_step,
 )
 from sempa_train.stages.assessment import Evaluation, GateError
@@ -67,9 +66,9 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> dict[str, dict[str, dict[s
 def load_experiment(path: Path) -> tuple[str, Path, RunConfig, dict[str, RunConfig]]:
     """``(name, out, shared config, {arm: config})`` from an experiment YAML file."""
     path = Path(path)
-    values = read_yaml_mapping(path, "an experiment config")
+    values = read_config_file(path, "an experiment config must be a mapping of sections")
     if "config" in values:  # a run config file holds the shared sections; the experiment's own sections override
-        shared = read_yaml_mapping(Path(values.pop("config")), "a run config")
+        shared = read_config_file(values.pop("config"), "a run config must be a mapping of sections")
         values = {**values, **{k: v for k, v in merge_sections(shared, values).items() if v}}
     name, out, arms = values.pop("name", path.stem), values.pop("out", None), dict(values.pop("strategies", None) or {})
     try:

@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from sempa_train.core.config import (
     ClusterConfig,
@@ -43,7 +40,7 @@ from sempa_train.core.config import (
     TrainConfig,
 )
 from sempa_train.core.errors import RecordedFailure
-from sempa_train.core.io import file_sha256, read_json, write_json
+from sempa_train.core.io import file_sha256, read_config_file, read_json, write_json
 from sempa_train.core.store import Store, content_key, dataset_hash
 
 log = logging.getLogger(__name__)
@@ -90,7 +87,7 @@ class RunConfig:
         values: dict[str, Any] = {}
         where = "overrides"
         if config_file is not None:
-            values = read_yaml_mapping(config_file, "a run config")
+            values = read_config_file(config_file, "a run config must be a mapping of sections")
             where = str(config_file)
         unknown = sorted(set(values) - set(SECTIONS)) + sorted(set(overrides or {}) - set(SECTIONS))
         if unknown:
@@ -135,20 +132,6 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {section: getattr(self, section).to_dict() for section in SECTIONS}
-
-
-def read_yaml_mapping(path: Path | str, what: str) -> dict[str, Any]:
-    """A YAML file that must hold a mapping (a run or experiment config)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: cannot parse YAML ({e})") from e
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: {what} must be a mapping of sections")
-    return values
 
 
 def merge_sections(*layers: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -196,7 +179,10 @@ def artifact_hash(name: str, path: Path) -> str:
     """The content hash of an artifact: a dataset's data hash, an adapter's weights, a file's bytes."""
     path = Path(path)
     if name == "adapter":
-        return file_sha256(path / "adapter_model.safetensors")
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path}: not a LoRA adapter folder (no adapter_model.safetensors)")
+        return file_sha256(weights)
     return dataset_hash(path)
 
 
@@ -230,13 +216,9 @@ def _evaluate(cfg: RunConfig, inputs: Mapping[str, Path], out: Path) -> None:
 
     adapter = inputs.get("adapter")
     if adapter is not None and cfg.eval.adapter_scale != 1.0:  # the evaluated adapter is kept in the stage folder
-        from sempa_train.stages.checkpoints import scale_adapter_file
+        from sempa_train.stages.checkpoints import write_scaled_adapter
 
-        scaled = out / f"adapter-x{cfg.eval.adapter_scale:g}"
-        shutil.rmtree(scaled, ignore_errors=True)
-        shutil.copytree(adapter, scaled)
-        scale_adapter_file(scaled, cfg.eval.adapter_scale)
-        adapter = scaled
+        adapter = write_scaled_adapter(adapter, out / f"adapter-x{cfg.eval.adapter_scale:g}", cfg.eval.adapter_scale)
     assess(cfg.policy_model, adapter, out, eval_cfg=cfg.eval, embed=cfg.embed,
            retention=cfg.retention, gates=cfg.gates,
            inputs={name: str(inputs[name]) for name in ("preferences", "train_log", "adapter") if name in inputs})

@@ -59,3 +59,21 @@ def test_the_policy_is_stated_once_for_a_run(tmp_path):
     config.write_text("sample: {model: other-model, n: 2}\n")
     with pytest.raises(ValueError, match=r"run.yaml: sample.model: the policy's model is set once, in the policy"):
         RunConfig.build(config)
+
+
+def test_run_and_stage_config_files_share_one_reader(tmp_path):
+    from sempa_train.plan import RunConfig, artifact_hash
+
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="list.yaml: a run config must be a mapping of sections"):
+        RunConfig.build(bad)
+    with pytest.raises(ValueError, match="list.yaml: a config file must hold a mapping"):
+        TrainConfig.load(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert RunConfig.build(empty) == RunConfig()  # an empty run config: the defaults
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        TrainConfig.load(empty)  # an empty stage config file is refused, as before
+    with pytest.raises(FileNotFoundError, match="not a LoRA adapter folder"):
+        artifact_hash("adapter", tmp_path)

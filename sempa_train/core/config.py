@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import types
 import typing
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-import yaml
-
+from sempa_train.core.io import read_config_file
 from sempa_train.core.templates import resolve_template
 
 C = TypeVar("C", bound="StageConfig")
@@ -70,16 +68,8 @@ class StageConfig:
     @classmethod
     def load(cls, path: Path, *, base: Self | None = None) -> Self:
         """Read a YAML or JSON file of field values (a ``preset:`` key picks the base, if supported)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        try:
-            values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: cannot parse config ({e})") from e
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: a config file must hold a mapping of field names to values")
+        values = read_config_file(path, "a config file must hold a mapping of field names to values",
+                                  allow_empty=False)
         if "preset" in values:
             base = cls.preset(values.pop("preset"))
         try:

@@ -86,6 +86,26 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def read_config_file(path: Path | str, must: str, *, allow_empty: bool = True) -> dict[str, Any]:
+    """The mapping in a YAML (or, by its suffix, JSON) config file; ``must`` completes the error for a file that
+    holds something else (``"a run config must be a mapping of sections"``)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: cannot parse config ({e})") from e
+    if values is None and allow_empty:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: {must}")
+    return values
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON file, naming it in the error when it is missing or malformed."""
     path = Path(path)

@@ -160,6 +160,15 @@ class SelectionGate:
         return " and ".join(p for p in parts if p) or "no gate"
 
 
+def write_scaled_adapter(source: Path, target: Path, scale: float) -> Path:
+    """Copy the adapter folder ``source`` to ``target`` (replacing it) with its LoRA update scaled by ``scale``."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    if scale != 1.0:
+        scale_adapter_file(target, scale)
+    return target
+
+
 def judge(results: Sequence[ProbeResult], gate: SelectionGate) -> list[ProbeResult]:
     """The results with ``perplexity_ratio`` and ``paraphrase_delta`` against step 0 (the base model) and
     ``passed`` filled in."""
@@ -249,10 +258,7 @@ def select_and_install(callback: CheckpointProbe, model: Any, out_dir: Path, *, 
         callback.probe_scales(model, best.step, scales)
     results = judge(callback.results, gate)
     chosen = select(results, gate)
-    adapter = Path(out_dir) / "adapter"
-    shutil.rmtree(adapter, ignore_errors=True)
-    shutil.copytree(callback.checkpoint_dir / f"step-{chosen.step}", adapter)
-    if chosen.scale != 1.0:
-        scale_adapter_file(adapter, chosen.scale)
+    adapter = write_scaled_adapter(callback.checkpoint_dir / f"step-{chosen.step}", Path(out_dir) / "adapter",
+                                   chosen.scale)
     set_peft_model_state_dict(model, load_file(adapter / "adapter_model.safetensors"))  # the model = the choice
     return chosen, [asdict(r) for r in results]
