@@ -3,13 +3,15 @@
     prefect deployment run sempa/full        # the whole pipeline (deployments in flows.yaml)
     prefect deployment run sempa/refresh     # prepare + sample + rank → a new dataset version
     prefect deployment run sempa/evaluate -p model=smollm2-135m-instruct -p adapter=PATH
+    prefect deployment run sempa/embed -p source=corpus.txt -p adapter=PATH   # an embedded corpus
     prefect deployment run sempa-experiment/sweep -p config=sempa_train/configs/experiments/FILE.yaml
 
 Run it without a server: ``python -m pipelines.flows`` (the built-in defaults).
 
 Parameters: ``stages`` (which stages run), ``config`` (a YAML run config: sections policy, prepare,
 sample, rank, train, eval, embed, retention, gates, cluster), ``preset`` (train preset), one override
-mapping per section, ``model`` (the policy's model), ``adapter`` (for evaluate-only runs), ``dataset``
+mapping per section, ``model`` (the policy's model), ``adapter`` (for evaluate- or embed-only runs),
+``source`` (a corpus file to embed: sets ``corpus.source``, which turns the embed stage on), ``dataset``
 (name of the versioned dataset) and ``root`` (the store folder, relative to the working directory).
 The library validates them before any stage runs. The stage sequence, the content keys and the
 folder layout are the library's (``sempa_train.plan``); this module only says how a step runs.
@@ -45,14 +47,17 @@ def sempa(
     retention: dict[str, Any] | None = None,
     gates: dict[str, Any] | None = None,
     cluster: dict[str, Any] | None = None,
+    corpus: dict[str, Any] | None = None,
     model: str | None = None,
     adapter: str | None = None,
+    source: str | None = None,
     dataset: str = "default",
     root: str = "outputs/pipeline",
 ) -> dict[str, Any]:
     """Run the selected stages; returns the paths it produced (and the STS summary when it evaluated)."""
     sections = {"policy": policy, "prepare": prepare, "sample": sample, "rank": rank, "train": train, "eval": eval,
-                "embed": embed, "retention": retention, "gates": gates, "cluster": cluster}
+                "embed": embed, "retention": retention, "gates": gates, "cluster": cluster,
+                "corpus": {**(corpus or {}), **({"source": source} if source else {})}}
     cfg = RunConfig.build(config, preset=preset, overrides={k: v for k, v in sections.items() if v}, model=model)
     store = Store(root)
     given = {"adapter": Path(adapter)} if adapter else {}
@@ -63,7 +68,8 @@ def sempa(
     outputs: dict[str, Any] = {"run_config": cfg.to_dict(), **{
         name: str(run.artifacts[artifact]) for name, artifact in
         (("triples", "triples"), ("dataset_version", "dataset_version"), ("preferences", "preferences"),
-         ("model_dir", "model"), ("eval_dir", "evaluation")) if artifact in run.artifacts}}
+         ("model_dir", "model"), ("eval_dir", "evaluation"), ("embeddings", "embeddings"))
+        if artifact in run.artifacts}}
     if "eval_dir" in outputs:
         outputs.update(report=str(Path(outputs["eval_dir"]) / "report.md"),
                        sts=read_json(Path(outputs["eval_dir"]) / "summary.json")["sts"])

@@ -1,7 +1,7 @@
-"""Sampling shards in parallel on a Dask cluster, through Prefect's ``DaskTaskRunner`` (prefect-dask).
+"""Shards (sampling, corpus embedding) in parallel on a Dask cluster, through Prefect's ``DaskTaskRunner``.
 
 Each pending shard becomes one Prefect task run on a Dask worker. A worker process builds its
-sampler (one vLLM engine, or one transformers model) once and reuses it for every shard it gets.
+sampler (one vLLM engine, or one transformers model) or encoder once and reuses it for every shard it gets.
 Shards are written atomically under their final names, so a shard redone after a worker died, or run
 twice, leaves exactly one file; the scheduler moves the work of a dead worker to the live ones and
 the task retries. ``ClusterConfig`` says where to run: ``address`` of a running scheduler or
@@ -14,27 +14,29 @@ Workers that run vLLM must be allowed to start processes: start them with
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import dask
 from prefect import flow, task
 from prefect_dask import DaskTaskRunner
 
-from sempa_train.core.config import ClusterConfig, SampleConfig
-from sempa_train.stages.sampling import ShardPlan, sample_one_shard
+from sempa_train.core.config import ClusterConfig
+from sempa_train.core.shards import ShardRunner
 
 
-@task(name="sample-shard", retries=3, retry_delay_seconds=2)
-def shard_task(cfg: SampleConfig, plan: ShardPlan, index: int, backend: str) -> int:
-    return sample_one_shard(cfg, plan, index, backend)
+@task(name="shard", retries=3, retry_delay_seconds=2)
+def shard_task(one_shard: Callable[[int], Any], index: int) -> Any:
+    return one_shard(index)
 
 
-@flow(name="sempa-sample-shards")
-def sample_shards(cfg: SampleConfig, plan: ShardPlan, backend: str, resources: dict[str, float]) -> list[int]:
+@flow(name="sempa-shards")
+def run_shards_on_cluster(one_shard: Callable[[int], Any], pending: Sequence[int],
+                          resources: dict[str, float]) -> list[Any]:
     """Submit every pending shard and wait for all of them."""
     annotate = dask.annotate(resources=resources) if resources else contextlib.nullcontext()
     with annotate:
-        futures = [shard_task.submit(cfg, plan, index, backend) for index in plan.pending()]
+        futures = [shard_task.submit(one_shard, index) for index in pending]
     return [future.result() for future in futures]
 
 
@@ -50,11 +52,11 @@ def dask_task_runner(cluster: ClusterConfig) -> DaskTaskRunner:
     })
 
 
-def cluster_shard_runner(cluster: ClusterConfig) -> Callable[[SampleConfig, ShardPlan, str], None]:
-    """A ``shard_runner`` for ``sempa_train.stages.sampling.sample_candidates`` that uses the cluster."""
+def cluster_shard_runner(cluster: ClusterConfig) -> ShardRunner:
+    """A ``shard_runner`` (``sempa_train.core.shards``) for sampling or corpus embedding that uses the cluster."""
 
-    def run(cfg: SampleConfig, plan: ShardPlan, backend: str) -> None:
-        sample_shards.with_options(task_runner=dask_task_runner(cluster))(cfg, plan, backend,
-                                                                          cluster.resource_map())
+    def run(one_shard: Callable[[int], Any], pending: Sequence[int]) -> None:
+        run_shards_on_cluster.with_options(task_runner=dask_task_runner(cluster))(one_shard, list(pending),
+                                                                                  cluster.resource_map())
 
     return run

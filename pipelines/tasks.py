@@ -4,8 +4,8 @@
 named after its stage, whose Prefect cache key is the step's content key, so a re-run with the same
 inputs shows the stage as Cached and resumes at the first stage whose output is missing (the cache is
 refreshed when the folder is gone, so a cached result never points at nothing). Stages that load a
-model run in a subprocess, whose memory is returned when it ends; sampling spreads its shards over the
-Dask cluster when one is configured and reports its progress as an artifact.
+model run in a subprocess, whose memory is returned when it ends; sampling and corpus embedding spread their
+shards over the Dask cluster when one is configured and report their progress as an artifact.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ from prefect.runtime import flow_run
 
 from sempa_train.core.io import read_json, read_manifest
 from sempa_train.core.procs import call_in_subprocess
+from sempa_train.core.shards import work_dir_for
 from sempa_train.core.store import Store
 from sempa_train.plan import DATA_STAGES, RunConfig, Step, run_step
-from sempa_train.stages.sampling import work_dir_for
+
+SHARDED = ("sample", "embed")  # stages that work in resumable shards (sempa_train.core.shards)
 
 
 def by_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -45,13 +47,13 @@ def stage_task(step: Step) -> str:
     name = step.stage.name
     if step.done or not step.stage.heavy:
         run_step(step)
-    elif name == "sample" and step.cfg.cluster.enabled:
+    elif name in SHARDED and step.cfg.cluster.enabled:  # shards spread over the Dask cluster
         from pipelines.scale import cluster_shard_runner
 
-        with sampling_progress(step):
+        with shard_progress(step):
             run_step(step, shard_runner=cluster_shard_runner(step.cfg.cluster))
-    elif name == "sample":
-        with sampling_progress(step):  # finished shards of a failed attempt are reused
+    elif name in SHARDED:
+        with shard_progress(step):  # finished shards of a failed attempt are reused
             call_in_subprocess(run_step, step, show_progress=False)
     else:
         call_in_subprocess(run_step, step)
@@ -92,19 +94,21 @@ def published(root: str, dataset: str, cfg: RunConfig) -> Any:
 
 
 @contextlib.contextmanager
-def sampling_progress(step: Step) -> Iterator[None]:
-    """A progress artifact fed from the finished shards while sampling runs."""
-    progress = create_progress_artifact(progress=0.0, description=f"sampling candidates into {step.out}")
+def shard_progress(step: Step) -> Iterator[None]:
+    """A progress artifact fed from the finished shards (counted against the work folder's plan.json) while a
+    sharded stage (sampling, corpus embedding) runs."""
+    progress = create_progress_artifact(progress=0.0, description=f"{step.stage.name}: shards of {step.out}")
     stop = threading.Event()
     work = work_dir_for(step.out)
-    premises = int(read_manifest(step.inputs["triples"]).get("counts", {}).get("premises_kept", 0))
-    premises = min(premises, step.cfg.sample.max_premises or premises)
-    shards = max(1, -(-premises // step.cfg.sample.shard_size))
 
     def watch() -> None:
         while not stop.wait(2.0):
-            done = len(list(work.glob("shard-*.parquet"))) if work.is_dir() else 0
-            update_progress_artifact(progress, progress=100.0 * done / shards)
+            plan = work / "plan.json"
+            with contextlib.suppress(OSError, ValueError, KeyError):  # not written yet, or being replaced
+                shards = max(1, int(read_json(plan)["shards"])) if plan.is_file() else 0
+                done = len(list(work.glob("shard-*.parquet")))
+                if shards:
+                    update_progress_artifact(progress, progress=100.0 * done / shards)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()

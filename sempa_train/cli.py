@@ -25,6 +25,7 @@ from typing import Any
 
 from sempa_train.core.config import (
     C,
+    CorpusConfig,
     EmbedConfig,
     EvalConfig,
     PrepareConfig,
@@ -150,6 +151,42 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     add_arguments(p, EvalConfig)
     add_arguments(p, EmbedConfig)
     p.add_argument("-v", "--verbose", action="store_true", help="show library logs too")
+
+    p = sub.add_parser("embed", help="embed a corpus into a Parquet dataset (id, text, vector) for search and more",
+                       description="Embed every distinct text of SOURCE (.txt: one text a line; .jsonl/.csv/.parquet: "
+                       "--column) with a model and optionally a LoRA adapter (PromptEOL), in resumable shards: a "
+                       "killed run started again keeps the finished shards. Writes a dataset folder (data.parquet with "
+                       "id, text and vector as a fixed-size float32 list; README.md; manifest.json naming model, "
+                       "adapter and embedding settings) that polars and datasets open.")
+    p.add_argument("source", type=Path, help="corpus file (.txt, .jsonl, .csv or .parquet)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, local folder or Hub id "
+                   "(default smollm2-135m-instruct)")
+    p.add_argument("--adapter", type=Path, help="LoRA adapter folder (e.g. OUT/eval/adapter of sempa run)")
+    p.add_argument("--out", type=Path, required=True, help="output dataset folder")
+    add_arguments(p, CorpusConfig, exclude=("source",))
+    add_arguments(p, EmbedConfig)
+    _common(p)
+
+    p = sub.add_parser("search", help="the texts of an embedded corpus closest to a query (exact cosine)",
+                       description="Embed QUERY the way INDEX was embedded (its manifest names model, adapter and "
+                       "settings) and print the K most similar texts by exact cosine similarity. Small and exact: "
+                       "for trying a model, not for serving millions of vectors.")
+    p.add_argument("index", type=Path, help="embeddings dataset folder (from sempa embed)")
+    p.add_argument("query", help="the query text")
+    p.add_argument("-k", type=int, default=5, help="how many results (default 5)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library logs too")
+
+    p = sub.add_parser("export", help="merge a LoRA adapter into its base model: one folder for any engine",
+                       description="Write the base model with the adapter's update merged in (safetensors), its "
+                       "tokenizer, a model card, and the PromptEOL settings under 'sempa_prompteol' in config.json. "
+                       "load_encoder(OUT) and vLLM's pooling runner (vllm serve OUT --runner pooling --convert embed) "
+                       "load it without peft.")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="base model (default smollm2-135m-instruct)")
+    p.add_argument("--adapter", type=Path, required=True, help="LoRA adapter folder")
+    p.add_argument("--out", type=Path, required=True, help="output model folder")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the saved weights (default float32)")
+    _common(p)
     if extend is not None:
         extend(sub)
     return parser
@@ -242,6 +279,31 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"results: {args.out}")
 
 
+def _cmd_embed(args: argparse.Namespace) -> None:
+    from sempa_train.stages.corpus import embed_corpus
+
+    result = embed_corpus(args.source, args.out, model=args.model, adapter=args.adapter,
+                          embed=config_from_args(EmbedConfig, args), corpus=config_from_args(CorpusConfig, args),
+                          overwrite=args.overwrite)
+    counts = result.counts
+    print(f"embeddings: {result.out_dir} ({counts['distinct']:,} distinct texts of {counts['rows']:,} rows, "
+          f"{counts['dim']} dimensions; {counts['duplicates']:,} repeats, {counts['empty']:,} empty)")
+
+
+def _cmd_search(args: argparse.Namespace) -> None:
+    from sempa_train.stages.corpus import search
+
+    for row in search(args.index, args.query, args.k).iter_rows(named=True):
+        print(f"{row['rank']:>3}  {row['score']:.4f}  {row['text']}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from sempa_train.stages.export import export_merged
+
+    out = export_merged(args.model, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"merged model: {out}")
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from datetime import UTC, datetime
 
@@ -280,7 +342,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "sample": _cmd_sample, "rank": _cmd_rank,
             "inspect": _cmd_inspect, "train": _cmd_train, "eval": _cmd_eval,
-            "report": _cmd_report, "experiment": _cmd_experiment}
+            "report": _cmd_report, "experiment": _cmd_experiment, "embed": _cmd_embed, "search": _cmd_search,
+            "export": _cmd_export}
 
 
 def main(argv: Sequence[str] | None = None, *, extend: Callable[[Any], None] | None = None,

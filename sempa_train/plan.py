@@ -1,13 +1,18 @@
 """The pipeline's one stage plan, and the executor every runner goes through.
 
     prepare ──triples──► sample ──candidates──► rank ──preferences──► train ──adapter, train_log──► evaluate
-       └────triples, gold preferences────────────┘ (sample only when the strategy samples)
+       └────triples, gold preferences────────────┘ (sample only when the strategy samples)      │
+                                                            corpus file ──► embed ◄──adapter────┘
+                                                                         (only when corpus.source is set)
 
 Each ``Stage`` is declared once, below: its name, the config sections it reads, the artifacts it
 needs (``inputs``) or may use (``optional``; the evaluation's report shows the preferences and the
 training log when it has them), what it produces, and the library function that writes its folder.
-Its *content key* hashes those config sections and the content hashes of its inputs, never a path, so
-two runs with equal inputs land in the same folder, ``Store.stage_dir(stage, key)``.
+Its *content key* hashes those config sections and the content hashes of its inputs (files the config
+names, like the corpus to embed, are inputs too: their content is hashed), so two runs with equal inputs
+land in the same folder, ``Store.stage_dir(stage, key)``. The evaluate stage keeps the adapter it
+evaluated (scaled when ``eval.adapter_scale`` says so) with its model card in ``eval/adapter``; later
+stages (embed) use that adapter.
 
 ``execute`` walks the plan for one ``RunConfig``: it skips stages the config does not need (``sample``
 for the gold strategy), resolves each stage's inputs from earlier outputs or ``given`` artifacts,
@@ -29,6 +34,7 @@ from typing import Any
 
 from sempa_train.core.config import (
     ClusterConfig,
+    CorpusConfig,
     EmbedConfig,
     EvalConfig,
     GateConfig,
@@ -40,12 +46,14 @@ from sempa_train.core.config import (
     TrainConfig,
 )
 from sempa_train.core.errors import RecordedFailure
-from sempa_train.core.io import file_sha256, read_config_file, read_json, write_json
+from sempa_train.core.io import read_config_file, read_json, write_json
+from sempa_train.core.models import adapter_sha256
 from sempa_train.core.store import Store, content_key, dataset_hash
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("policy", "prepare", "sample", "rank", "train", "eval", "embed", "retention", "gates", "cluster")
+SECTIONS = ("policy", "prepare", "sample", "rank", "train", "eval", "embed", "retention", "gates", "cluster",
+            "corpus")
 # The stage fields that the policy section owns in a run config (RunConfig.build fills them in).
 POLICY_FIELDS: dict[str, tuple[str, ...]] = {
     "sample": ("model", "template", "chat_template"),
@@ -71,6 +79,7 @@ class RunConfig:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     gates: GateConfig = field(default_factory=GateConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
     @classmethod
     def build(
@@ -118,6 +127,7 @@ class RunConfig:
                 retention=RetentionConfig.from_dict(merged["retention"]),
                 gates=GateConfig.from_dict(merged["gates"]),
                 cluster=ClusterConfig.from_dict(merged["cluster"]),
+                corpus=CorpusConfig.from_dict(merged["corpus"]),
             )
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
@@ -160,6 +170,7 @@ class Stage:
     optional: tuple[str, ...] = ()
     needed: Callable[[RunConfig], bool] = lambda cfg: True
     required_if: Callable[[RunConfig], tuple[str, ...]] = lambda cfg: ()  # optional inputs the config makes required
+    files: Callable[[RunConfig], Mapping[str, str | None]] = lambda cfg: {}  # inputs that are files the config names
     done_file: str | None = None  # the stage is complete when this file exists (default: when its folder does)
     heavy: bool = False  # loads a model: runners may isolate it in a subprocess
     retries: int = 0  # transient failures worth a retry (reading sources, writing datasets)
@@ -179,10 +190,7 @@ def artifact_hash(name: str, path: Path) -> str:
     """The content hash of an artifact: a dataset's data hash, an adapter's weights, a file's bytes."""
     path = Path(path)
     if name == "adapter":
-        weights = path / "adapter_model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"{path}: not a LoRA adapter folder (no adapter_model.safetensors)")
-        return file_sha256(weights)
+        return str(adapter_sha256(path))
     return dataset_hash(path)
 
 
@@ -213,15 +221,28 @@ def _train(cfg: RunConfig, inputs: Mapping[str, Path], out: Path) -> None:
 
 def _evaluate(cfg: RunConfig, inputs: Mapping[str, Path], out: Path) -> None:
     from sempa_train.stages.assessment import assess
+    from sempa_train.stages.checkpoints import write_scaled_adapter
+    from sempa_train.stages.model_card import write_model_card
 
     adapter = inputs.get("adapter")
-    if adapter is not None and cfg.eval.adapter_scale != 1.0:  # the evaluated adapter is kept in the stage folder
-        from sempa_train.stages.checkpoints import write_scaled_adapter
+    if adapter is not None:  # the evaluated adapter (scaled by eval.adapter_scale) is kept with its card
+        adapter = write_scaled_adapter(adapter, out / "adapter", cfg.eval.adapter_scale)
+    try:
+        assess(cfg.policy_model, adapter, out, eval_cfg=cfg.eval, embed=cfg.embed,
+               retention=cfg.retention, gates=cfg.gates,
+               inputs={name: str(inputs[name]) for name in ("preferences", "train_log", "adapter") if name in inputs})
+    finally:  # a card with the results, also when a gate failed
+        if adapter is not None and (out / "summary.json").is_file():
+            write_model_card(adapter, inputs["adapter"].parent, evaluation=out, scale=cfg.eval.adapter_scale,
+                             base_model=cfg.policy_model)
 
-        adapter = write_scaled_adapter(adapter, out / f"adapter-x{cfg.eval.adapter_scale:g}", cfg.eval.adapter_scale)
-    assess(cfg.policy_model, adapter, out, eval_cfg=cfg.eval, embed=cfg.embed,
-           retention=cfg.retention, gates=cfg.gates,
-           inputs={name: str(inputs[name]) for name in ("preferences", "train_log", "adapter") if name in inputs})
+
+def _embed(cfg: RunConfig, inputs: Mapping[str, Path], out: Path, *, shard_runner: Any = None,
+           show_progress: bool | None = None) -> None:
+    from sempa_train.stages.corpus import embed_corpus
+
+    embed_corpus(inputs["corpus"], out, model=cfg.policy_model, adapter=inputs.get("adapter"), embed=cfg.embed,
+                 corpus=cfg.corpus, shard_runner=shard_runner, show_progress=show_progress)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -232,13 +253,16 @@ STAGES: tuple[Stage, ...] = (
           required_if=lambda cfg: ("candidates",) if cfg.rank.strategy != "gold" else (), heavy=True, retries=2),
     Stage("train", ("train",), {"model": "", "adapter": "adapter", "train_log": "train_log.jsonl"}, _train,
           inputs=("preferences",), heavy=True),
-    Stage("evaluate", ("policy", "eval", "embed", "retention", "gates"), {"evaluation": ""}, _evaluate,
-          optional=("adapter", "preferences", "train_log"), done_file="summary.json", heavy=True),
+    Stage("evaluate", ("policy", "eval", "embed", "retention", "gates"), {"evaluation": "", "adapter": "adapter"},
+          _evaluate, optional=("adapter", "preferences", "train_log"), done_file="summary.json", heavy=True),
+    Stage("embed", ("policy", "embed", "corpus"), {"embeddings": ""}, _embed, inputs=("corpus",),
+          optional=("adapter",), needed=lambda cfg: cfg.corpus.source is not None,
+          files=lambda cfg: {"corpus": cfg.corpus.source}, heavy=True),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 # Readable names of the runners' links to a run's stage folders (``sempa run`` OUT/, an experiment's OUT/ARM/).
 OUTPUT_LINKS = {"prepare": "data", "sample": "candidates", "rank": "preferences", "train": "model",
-                "evaluate": "eval"}
+                "evaluate": "eval", "embed": "embeddings"}
 DATA_STAGES: tuple[str, ...] = ("prepare", "sample", "rank")  # their outputs make up a dataset version
 
 
@@ -327,6 +351,7 @@ def plan_stages(cfg: RunConfig, stages: Sequence[str], given: Mapping[str, Path]
     selected = [s for s in STAGES if s.name in stages and s.needed(cfg)]
     available = set(given)
     for s in selected:
+        available |= {name for name, path in s.files(cfg).items() if path}
         missing = [name for name in (*s.inputs, *s.required_if(cfg)) if name not in available]
         if missing:
             raise ValueError(f"stage {s.name} needs {', '.join(missing)}: select the stage that produces it "
@@ -355,6 +380,7 @@ def execute(cfg: RunConfig, store: Store, *, stages: Sequence[str] = STAGE_NAMES
     result = record if record is not None else Execution()
     result.artifacts.update(given)
     for position, s in enumerate(selected):
+        result.artifacts.update({name: Path(path) for name, path in s.files(cfg).items() if path})
         inputs = {name: result.artifacts[name] for name in (*s.inputs, *s.optional)
                   if name in result.artifacts}
         key = s.key(cfg, inputs)
@@ -375,7 +401,8 @@ def execute(cfg: RunConfig, store: Store, *, stages: Sequence[str] = STAGE_NAMES
             result.reused[s.name] = reused
         log.info("plan: %s %s (%s)", s.name, "reused" if reused else f"ran in {result.seconds[s.name]:.0f}s",
                  step.out)
-        result.artifacts.update({name: step.out / sub if sub else step.out for name, sub in s.produces.items()})
+        produced = {name: step.out / sub if sub else step.out for name, sub in s.produces.items()}
+        result.artifacts.update({name: path for name, path in produced.items() if path.exists()})
         if after_data is not None and s.name in DATA_STAGES and not any(t.name in DATA_STAGES
                                                                         for t in selected[position + 1:]):
             result.artifacts.update(after_data(dict(result.artifacts)))

@@ -10,6 +10,9 @@ import pytest
 from conftest import SAMPLE_NLI
 from test_sts import make_senteval
 
+from sempa_train.core.io import file_sha256
+from sempa_train.stages.model_card import card_metadata
+
 
 @pytest.fixture(scope="module")
 def prefect_harness():
@@ -85,6 +88,25 @@ def test_full_flow_fails_at_train_then_resumes_from_cache(prefect_harness, tiny_
     assert summary["retention"]["compare"]["perplexity_ratio"] > 0
     for name in ("report.md", "sts_bars.png", "stsb_scatter.png", "training.png", "scores.png"):
         assert (Path(outputs["eval_dir"]) / name).is_file(), name
+
+    # the evaluated adapter is kept with a model card that carries the summary's numbers
+    shipped = Path(outputs["eval_dir"]) / "adapter"
+    card = (shipped / "README.md").read_text()
+    assert card_metadata(card)["library_name"] == "peft"
+    tuned = json.loads((Path(outputs["eval_dir"]) / "tuned.json").read_text())["tasks"]["STSBenchmark"]["spearman"]
+    assert f"| {tuned:.2f} |" in card and f"{summary['retention']['compare']['perplexity_ratio']:.3f}" in card
+    assert model_manifest["data_sha256"] in (Path(outputs["model_dir"]) / "adapter" / "README.md").read_text()
+
+    # the embed deployment: a corpus embedded with that adapter, on the same store
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("A man plays a guitar.\nA woman reads a book.\nA man plays a guitar.\n")
+    state = sempa(stages=["embed"], source=str(corpus), adapter=str(shipped), model=str(tiny_model_dir),
+                  embed={"dtype": "float32"}, root=str(root), return_state=True)
+    assert state.is_completed(), state
+    embeddings = Path(state.result()["embeddings"])
+    manifest = json.loads((embeddings / "manifest.json").read_text())
+    assert manifest["rows"] == 2 and manifest["config"]["adapter_sha256"] == file_sha256(
+        shipped / "adapter_model.safetensors")
 
 
 def test_refresh_twice_makes_two_versions(prefect_harness, tiny_model_dir, tmp_path):

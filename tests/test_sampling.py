@@ -15,7 +15,7 @@ from sempa_train.core.templates import PARAPHRASE_TEMPLATES
 from sempa_train.core.text import clean_candidate, paraphrase_prompt
 from sempa_train.stages.generation import Generation, TransformersBackend, VLLMBackend, build_backend, vllm_available
 from sempa_train.stages.prepare import prepare
-from sempa_train.stages.sampling import plan_shards, premise_seed, run_shards, sample_candidates, work_dir_for
+from sempa_train.stages.sampling import plan_shards, premise_seed, sample_candidates, work_dir_for
 
 REQUIRE_VLLM = os.environ.get("SEMPA_REQUIRE_VLLM") == "1"  # set by .ci/run: no silent skip in CI
 
@@ -130,9 +130,9 @@ def test_resume_after_failure_skips_finished_shards(tiny_model_dir, tiny_triples
                              "candidates")
     out = tmp_path / "cand"
 
-    def crash_after_two(cfg, plan, backend):
-        run_shards(cfg, plan.__class__(plan.work_dir, plan.premise_ids[:16], plan.premises[:16], plan.shard_size),
-                   backend, show_progress=False)
+    def crash_after_two(one_shard, pending):
+        for index in pending[:2]:
+            one_shard(index)
         raise RuntimeError("worker died")
 
     with pytest.raises(RuntimeError, match="worker died"):
@@ -142,9 +142,10 @@ def test_resume_after_failure_skips_finished_shards(tiny_model_dir, tiny_triples
     before = {i: plan.shard_path(i).stat().st_mtime_ns for i in (0, 1)}
     calls = []
 
-    def record(cfg, plan, backend):
-        calls.append(plan.pending())
-        run_shards(cfg, plan, backend, show_progress=False)
+    def record(one_shard, pending):
+        calls.append(list(pending))
+        for index in pending:
+            one_shard(index)
         assert all(plan.shard_path(i).stat().st_mtime_ns == before[i] for i in (0, 1))
 
     table = read_dataset(sample_candidates(cfg, tiny_triples, out, shard_runner=record).out_dir, "candidates")

@@ -127,11 +127,14 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type[StageConfig]) -> None:
-    """Add one ``--flag`` per field of ``cls``; flags the user does not pass stay unset."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type[StageConfig], *, exclude: tuple[str, ...] = ()) -> None:
+    """Add one ``--flag`` per field of ``cls`` (but ``exclude``); flags the user does not pass stay unset. A boolean
+    flag alone means true (``--normalize``); ``--normalize false`` also works."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} (defaults shown; a --config file or preset may change them)")
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in exclude:
+            continue
         base = _base_type(hints[f.name])
         kwargs: dict[str, Any] = {
             "dest": f.name,
@@ -141,8 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[StageConfig]) -> No
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
         if base is bool:
-            kwargs["type"] = _parse_bool
-            kwargs["metavar"] = "true|false"
+            kwargs.update(type=_parse_bool, metavar="true|false", nargs="?", const=True)
         elif base is tuple:
             kwargs["type"] = str
             kwargs["metavar"] = "A,B,..."
@@ -366,6 +368,7 @@ EMBEDDINGS = ("auto", "prompteol", "sentence-transformers")
 SPLITS = ("test", "dev")
 STS_TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ENCODER_BACKENDS = ("transformers", "vllm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,10 +382,31 @@ class EmbedConfig(StageConfig):
     batch_size: int = option(64, "sentences per forward pass (sorted by length, so little padding)")
     layer: int = option(-1, "hidden layer to read the last token from (-1: final layer, after the norm)")
     device: str = option("auto", "auto picks cuda when available", choices=DEVICES)
+    backend: str = option("transformers", "PromptEOL engine: transformers (this process) or vllm (vLLM's pooling "
+                          "runner on a merged model folder, last-token pooling; final layer only)",
+                          choices=ENCODER_BACKENDS)
 
     def __post_init__(self) -> None:
         self._check_choices()
         _check_positive("batch_size", self.batch_size)
+        if self.backend == "vllm" and self.layer != -1:
+            raise ValueError(f"backend 'vllm' pools the final layer only; got layer={self.layer}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig(StageConfig):
+    """Embedding a corpus (``sempa embed``, the plan's embed stage): the file, its text column, normalisation,
+    shard size."""
+
+    source: str | None = option(None, "corpus file to embed: .txt (one text a line), .jsonl, .csv or .parquet; the "
+                                "plan's embed stage runs only when it is set")
+    column: str | None = option(None, "column with the text in a .jsonl/.csv/.parquet source (default: 'text', "
+                                "or the only string column); ignored for .txt (one text a line)")
+    normalize: bool = option(False, "L2-normalise the vectors (cosine similarity becomes a dot product)")
+    shard_size: int = option(1024, "distinct texts per shard (a crash loses at most one shard's work)")
+
+    def __post_init__(self) -> None:
+        _check_positive("shard_size", self.shard_size)
 
 
 @dataclasses.dataclass(frozen=True)

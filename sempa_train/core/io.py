@@ -244,10 +244,12 @@ def write_dataset(
     parents: Mapping[str, str] | None = None,
     description: str = "",
     overwrite: bool = False,
+    schema: pl.Schema | None = None,
 ) -> dict[str, Any]:
-    """Write ``df`` as a dataset folder at ``out_dir`` atomically and return its manifest."""
+    """Write ``df`` as a dataset folder at ``out_dir`` atomically and return its manifest (``schema``: for kinds
+    whose schema has a parameter, e.g. the vector size of ``embeddings``)."""
     with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
-        write_parquet(df, tmp / DATA_FILE, schema_for(kind))
+        write_parquet(df, tmp / DATA_FILE, schema or schema_for(kind))
         manifest = {
             "kind": kind,
             "rows": df.height,

@@ -271,3 +271,29 @@ def load_causal_lm(
             model = model.merge_and_unload()
     model.to(device).eval()
     return model, load_tokenizer(path)
+
+
+def adapter_sha256(adapter: str | Path | None) -> str | None:
+    """The hash of a LoRA adapter's weights file (None without an adapter): what identifies an adapter in keys and
+    manifests, wherever its folder lives."""
+    if adapter is None:
+        return None
+    from sempa_train.core.io import file_sha256
+
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{adapter}: not a LoRA adapter folder (no adapter_model.safetensors)")
+    return file_sha256(weights)
+
+
+PROMPTEOL_SETTINGS_KEY = "sempa_prompteol"  # in config.json of a folder written by sempa export
+
+
+def prompteol_settings(model_dir: Path | str) -> dict[str, Any] | None:
+    """The PromptEOL settings (template, layer, ...) a ``sempa export`` folder records; None for other models."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    import json
+
+    return json.loads(config.read_text(encoding="utf-8")).get(PROMPTEOL_SETTINGS_KEY)

@@ -79,6 +79,19 @@ PREDICTIONS_SCHEMA = pl.Schema(
     }
 )
 
+
+
+def embeddings_schema(dim: int) -> pl.Schema:
+    """An embedded corpus (``sempa embed``): one row per distinct text; the vector's size is the model's."""
+    return pl.Schema(
+        {
+            "id": pl.String,  # stable hash of the text
+            "text": pl.String,
+            "vector": pl.Array(pl.Float32, dim),  # the PromptEOL embedding (L2-normalised with --normalize)
+        }
+    )
+
+
 SCHEMAS: dict[str, pl.Schema] = {
     "triples": TRIPLES_SCHEMA,
     "candidates": CANDIDATES_SCHEMA,

@@ -12,6 +12,10 @@ padding. For speed it
   reuses its key/value cache for every batch (``share_prefix``),
 * uses bf16 weights where the hardware has bf16 matrix units (``dtype="auto"``).
 
+``backend="vllm"`` (``EmbedConfig``) runs the same prompts through vLLM's pooling runner instead (last
+token of the final layer, no normalisation) on a merged model folder (``sempa export``). A folder
+written by ``sempa export`` brings its own PromptEOL template and layer.
+
 Usage::
 
     encoder = load_encoder("smollm2-135m-instruct", EmbedConfig())
@@ -35,6 +39,8 @@ from sempa_train.core.models import (
     is_sentence_transformers_folder,
     left_pad,
     load_causal_lm,
+    load_tokenizer,
+    prompteol_settings,
     resolve_device,
     resolve_dtype,
     resolve_model,
@@ -147,6 +153,49 @@ class PromptEOLEncoder(DedupEncoder):
         return hidden[:, -1, :].float().cpu().numpy()
 
 
+class VLLMPromptEOLEncoder(DedupEncoder):
+    """PromptEOL through vLLM's pooling runner on a merged model folder: sempa applies the template and tokenises
+    (so the token ids are the transformers encoder's), vLLM pools the last token of the final layer."""
+
+    def __init__(self, model_dir: Path, tokenizer: Any, *, template: str = PROMPTEOL_TEMPLATE, dtype: str = "auto",
+                 name: str = "", show_progress: bool | None = None) -> None:
+        from sempa_train.stages.generation import set_vllm_cpu_env
+
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
+            set_vllm_cpu_env()
+        from vllm import LLM
+        from vllm.config import PoolerConfig
+
+        if dtype == "auto":
+            dtype = "auto" if not on_cpu else "bfloat16" if resolve_dtype("auto", torch.device("cpu")) \
+                == torch.bfloat16 else "float32"
+        self.llm = LLM(model=str(model_dir), runner="pooling", convert="embed", dtype=dtype, seed=0,
+                       pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False),
+                       **({"enforce_eager": True} if on_cpu else {}))
+        self.tokenizer = tokenizer
+        self.template = template
+        self.name = name or str(model_dir)
+        self.show_progress = show_progress
+        self._dim = int(self.llm.llm_engine.model_config.get_hidden_size())
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _encode_unique(self, sentences: list[str]) -> np.ndarray:
+        token_ids = self.tokenizer([prompteol_prompt(s, self.template) for s in sentences])["input_ids"]
+        outputs = self.llm.embed([{"prompt_token_ids": ids} for ids in token_ids],
+                                 use_tqdm=bool(self.show_progress))
+        return np.asarray([o.outputs.embedding for o in outputs], dtype=np.float32)
+
+    def close(self) -> None:
+        """Stop the engine's processes (its memory is returned)."""
+        from sempa_train.stages.generation import close_vllm
+
+        close_vllm(self.llm)
+
+
 def common_prefix(sequences: Sequence[Sequence[int]]) -> list[int]:
     """The longest run of leading tokens all ``sequences`` share, leaving each at least its last token."""
     if not sequences:
@@ -210,10 +259,21 @@ def load_encoder(
 
         st = SentenceTransformer(str(path), device=str(device))
         return SentenceTransformerEncoder(st, batch_size=cfg.batch_size, name=name, show_progress=show_progress)
+    settings = prompteol_settings(path) or {}
+    template, layer = settings.get("template", PROMPTEOL_TEMPLATE), cfg.layer
+    if layer == -1 and "layer" in settings:  # an exported folder's own layer, unless one was asked for
+        layer = int(settings["layer"])
+    if cfg.backend == "vllm":
+        if adapter is not None:
+            raise ValueError("the vLLM backend loads a merged model folder: merge the adapter first (sempa export, "
+                             "or sempa_train.stages.export.merged_folder)")
+        log.info("PromptEOL encoder %s with vLLM's pooling runner", name)
+        return VLLMPromptEOLEncoder(path, load_tokenizer(path), template=template, dtype=cfg.dtype, name=name,
+                                    show_progress=show_progress)
     dtype = resolve_dtype(cfg.dtype, device)
     lm, tokenizer = load_causal_lm(path, adapter=adapter, dtype=dtype, device=device)
     log.info("PromptEOL encoder %s on %s (%s)", name, device, dtype)
-    return PromptEOLEncoder(lm, tokenizer, batch_size=cfg.batch_size, layer=cfg.layer, name=name,
+    return PromptEOLEncoder(lm, tokenizer, template=template, batch_size=cfg.batch_size, layer=layer, name=name,
                             show_progress=show_progress)
 
 

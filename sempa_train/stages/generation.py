@@ -112,10 +112,14 @@ class VLLMBackend:
                  for c in o.outputs] for o in outputs]
 
     def close(self) -> None:
-        """Stop the engine's worker processes (best effort: the API is internal to vLLM)."""
-        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if engine_core is not None:
-            engine_core.shutdown()
+        close_vllm(self.llm)
+
+
+def close_vllm(llm: Any) -> None:
+    """Stop a vLLM engine's worker processes (best effort: the API is internal to vLLM)."""
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is not None:
+        engine_core.shutdown()
 
 
 def vllm_available() -> bool:
@@ -187,13 +191,18 @@ def build_backend(cfg: SampleConfig, model_path: Path, backend: str) -> Generati
     return TransformersBackend(model, load_tokenizer(model_path))
 
 
+def set_vllm_cpu_env() -> None:
+    """vLLM-CPU settings that fit a small machine (1 GiB of KV cache, no core reserved), unless the user set them."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
 def make_vllm_engine(cfg: SampleConfig, model_path: Path) -> Any:
     """A vLLM engine; on CPU with the settings measured to work (eager mode, bf16, 1 GiB KV cache, no chunked
     prefill)."""
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        set_vllm_cpu_env()
     from vllm import LLM
 
     kwargs: dict[str, Any] = {"model": str(model_path), "seed": cfg.seed, "max_model_len": cfg.max_model_len,

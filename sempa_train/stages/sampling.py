@@ -14,10 +14,11 @@ included) is returned when sampling ends.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,16 +27,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from sempa_train.core.config import SampleConfig
-from sempa_train.core.io import (
-    read_dataset,
-    read_json,
-    read_manifest,
-    read_parquet,
-    text_id,
-    write_dataset,
-    write_json,
-    write_parquet,
-)
+from sempa_train.core.io import read_dataset, read_manifest, read_parquet, text_id, write_dataset, write_parquet
 from sempa_train.core.models import (
     load_tokenizer,
     resolve_model,
@@ -43,6 +35,7 @@ from sempa_train.core.models import (
 )
 from sempa_train.core.procs import call_in_subprocess
 from sempa_train.core.schemas import CANDIDATES_SCHEMA
+from sempa_train.core.shards import ShardPlan, ShardRunner, open_shards, work_dir_for
 from sempa_train.core.templates import resolve_template
 from sempa_train.core.text import clean_candidate, paraphrase_prompt
 from sempa_train.stages.generation import GenerationBackend, VLLMBackend, build_backend, resolve_backend
@@ -54,38 +47,6 @@ def premise_seed(seed: int, premise_id: str) -> int:
     return int(text_id(str(seed), premise_id), 16) % (2**31 - 1)
 
 
-# --------------------------------------------------------------------------------------------------
-# Shards
-# --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """Premises split into shards, and the work folder holding finished shards."""
-
-    work_dir: Path
-    premise_ids: list[str]
-    premises: list[str]
-    shard_size: int
-
-    @property
-    def n_shards(self) -> int:
-        return -(-len(self.premise_ids) // self.shard_size)
-
-    def shard_path(self, index: int) -> Path:
-        return self.work_dir / f"shard-{index:05d}.parquet"
-
-    def shard_slice(self, index: int) -> slice:
-        return slice(index * self.shard_size, (index + 1) * self.shard_size)
-
-    def pending(self) -> list[int]:
-        return [i for i in range(self.n_shards) if not self.shard_path(i).is_file()]
-
-
-def work_dir_for(out_dir: Path) -> Path:
-    """Where the shards of ``out_dir`` are kept until the dataset is assembled."""
-    return out_dir.parent / f".{out_dir.name}.shards"
-
-
 def plan_shards(cfg: SampleConfig, triples: Path, out_dir: Path) -> ShardPlan:
     """Split the premises of ``triples`` into shards; reuse (and check) an earlier run's work folder."""
     table = read_dataset(triples, "triples").unique("premise_id", keep="first", maintain_order=True)
@@ -93,20 +54,8 @@ def plan_shards(cfg: SampleConfig, triples: Path, out_dir: Path) -> ShardPlan:
         table = table.head(cfg.max_premises)
     if table.is_empty():
         raise ValueError(f"{triples}: no premises to sample")
-    work = work_dir_for(out_dir)
-    plan = ShardPlan(work, table["premise_id"].to_list(), table["premise"].to_list(), cfg.shard_size)
-    fingerprint = {"config": cfg.to_dict(), "premise_ids": text_id(*plan.premise_ids)}
-    plan_file = work / "plan.json"
-    if plan_file.is_file():
-        if read_json(plan_file) != fingerprint:
-            raise ValueError(f"{work} holds shards of a run with another config or other premises; "
-                             "remove it (or pass --overwrite) to start over")
-        for stale in work.glob(".*.tmp-*"):  # a shard being written when the process died
-            stale.unlink()
-    else:
-        work.mkdir(parents=True, exist_ok=True)
-        write_json(plan_file, fingerprint)
-    return plan
+    return open_shards(out_dir, table["premise_id"].to_list(), table["premise"].to_list(), cfg.shard_size,
+                       cfg.to_dict())
 
 
 def sample_shard(
@@ -147,9 +96,9 @@ class Sampler:
 
     def write_shard(self, cfg: SampleConfig, plan: ShardPlan, index: int) -> None:
         """Generate shard ``index`` and write it atomically (a concurrent duplicate writes the same file)."""
-        part = plan.shard_slice(index)
-        table = sample_shard(self.backend, self.tokenizer, cfg, plan.premise_ids[part], plan.premises[part],
-                             model_name=cfg.model, chat=self.chat)
+        premise_ids, premises = plan.shard_items(index)
+        table = sample_shard(self.backend, self.tokenizer, cfg, premise_ids, premises, model_name=cfg.model,
+                             chat=self.chat)
         write_parquet(table, plan.shard_path(index), CANDIDATES_SCHEMA)
 
     def close(self) -> None:
@@ -163,13 +112,12 @@ def run_shards(cfg: SampleConfig, plan: ShardPlan, backend_name: str, *, show_pr
     if not pending:
         return
     sampler = Sampler.build(cfg, backend_name)
-    done = sum(len(plan.premise_ids[plan.shard_slice(i)]) for i in range(plan.n_shards) if i not in pending)
     try:
-        with tqdm(total=len(plan.premise_ids), initial=done, unit="premise", desc=f"sample ({backend_name})",
+        with tqdm(total=len(plan.ids), initial=plan.done_items(), unit="premise", desc=f"sample ({backend_name})",
                   disable=None if show_progress is None else not show_progress) as bar:
             for index in pending:
                 sampler.write_shard(cfg, plan, index)
-                bar.update(len(plan.premise_ids[plan.shard_slice(index)]))
+                bar.update(len(plan.shard_items(index)[0]))
     finally:
         sampler.close()
 
@@ -177,7 +125,7 @@ def run_shards(cfg: SampleConfig, plan: ShardPlan, backend_name: str, *, show_pr
 _PROCESS_SAMPLERS: dict[str, Sampler] = {}
 
 
-def sample_one_shard(cfg: SampleConfig, plan: ShardPlan, index: int, backend_name: str) -> int:
+def sample_one_shard(cfg: SampleConfig, plan: ShardPlan, index: int, *, backend_name: str) -> int:
     """Write one shard, for distributed runners: the sampler (one engine) is built once per worker process
     and reused for every shard that process gets. A finished shard is not redone."""
     if not plan.shard_path(index).is_file():
@@ -201,12 +149,13 @@ def sample_candidates(
     *,
     overwrite: bool = False,
     show_progress: bool | None = None,
-    shard_runner: Callable[[SampleConfig, ShardPlan, str], None] | None = None,
+    shard_runner: ShardRunner | None = None,
 ) -> SampleResult:
     """Sample candidates for every premise of ``triples`` into the dataset folder ``out_dir`` (resumable).
 
-    ``shard_runner`` replaces how pending shards are produced (a distributed runner, a test double);
-    by default vLLM runs in a child process and transformers in this one.
+    ``shard_runner`` replaces how pending shards are produced (a distributed runner, a test double): it gets
+    ``one_shard(index)`` and the pending indices. By default vLLM runs in a child process and transformers in
+    this one.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -219,7 +168,7 @@ def sample_candidates(
     if finished:
         log.info("sample: resuming, %d of %d shards already done in %s", finished, plan.n_shards, plan.work_dir)
     if shard_runner is not None:
-        shard_runner(cfg, plan, backend)
+        shard_runner(functools.partial(sample_one_shard, cfg, plan, backend_name=backend), plan.pending())
     elif backend == "vllm":  # the engine lives in a child process: its memory is returned when it exits
         call_in_subprocess(run_shards, cfg, plan, backend, show_progress=show_progress)
     else:
@@ -235,7 +184,7 @@ def assemble(cfg: SampleConfig, plan: ShardPlan, triples: Path, out_dir: Path, b
     """Concatenate the shards into the candidates dataset folder and remove the work folder."""
     table = pl.concat([read_parquet(plan.shard_path(i), CANDIDATES_SCHEMA) for i in range(plan.n_shards)])
     counts = {
-        "premises": len(plan.premise_ids),
+        "premises": len(plan.ids),
         "candidates": table.height,
         "shards": plan.n_shards,
         "empty_after_cleaning": int((table["text"] == "").sum()),

@@ -2,7 +2,7 @@
 
 Output folder (written as one unit when training finishes)::
 
-    OUT/adapter/         the LoRA adapter (peft format) and the tokenizer
+    OUT/adapter/         the LoRA adapter (peft format), the tokenizer and README.md, its model card
     OUT/merged/          base + adapter merged into a plain model folder (with save_merged)
     OUT/train_log.jsonl  TRL's log, one JSON object per logging step (loss, rewards/margins, ...)
     OUT/checkpoints.jsonl  with eval_every: STS and perplexity of every probed step (and scale); the adapter
@@ -47,6 +47,7 @@ from sempa_train.core.models import (
 )
 from sempa_train.core.templates import PLAIN_SEPARATOR
 from sempa_train.stages.checkpoints import CheckpointProbe, Probes, SelectionGate, select_and_install
+from sempa_train.stages.model_card import write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +252,7 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
                 "code_version": code_version(),
                 "created_at": now_iso(),
             })
+            write_model_card(tmp / "adapter", tmp)  # replaces peft's empty template
             if cfg.save_merged:
                 merged = trainer.model.merge_and_unload()
                 merged.save_pretrained(tmp / "merged")
