@@ -42,3 +42,16 @@ def test_the_default_recipe_is_a_valid_run_config():
     assert cfg.eval.split == "dev"  # tuned on dev only
     full = next(d for d in yaml.safe_load((REPO / "flows.yaml").read_text())["deployments"] if d["name"] == "full")
     assert (REPO / full["parameters"]["config"]).resolve() == RECIPE
+
+
+def test_the_quick_recipe_is_the_full_recipe_at_a_smaller_budget():
+    """The default run (recipe_smollm2_quick.yaml) differs from the full recipe only in budget and scale search."""
+    from sempa_train.plan import RunConfig
+
+    configs = REPO / "sempa_train" / "configs"
+    quick = RunConfig.build(configs / "recipe_smollm2_quick.yaml").to_dict()
+    full = RunConfig.build(configs / "recipe_smollm2.yaml").to_dict()
+    differs = {(section, name) for section in quick for name in quick[section]
+               if quick[section][name] != full[section][name]}
+    assert differs == {("prepare", "max_premises"), ("sample", "shard_size"), ("train", "max_steps"),
+                       ("train", "select_scales"), ("eval", "adapter_scale")}
