@@ -132,6 +132,8 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     p = sub.add_parser("inspect", help="polars summary of a dataset folder or Parquet file")
     p.add_argument("path", type=Path)
     p.add_argument("--rows", type=int, default=5, help="rows to show (default 5)")
+    p.add_argument("--worst", type=int, metavar="N",
+                   help="instead: the N lowest-scoring chosen answers of a preference dataset, with their premises")
 
     p = _stage_parser(sub, "train", TrainConfig, help="DPO + LoRA on a preference dataset (TRL DPOTrainer)",
                       description="Train a LoRA adapter with DPO. Presets: cpu (default; batch 8, max_length 128, "
@@ -254,9 +256,9 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
-    from sempa_train.core.summary import describe
+    from sempa_train.core.summary import describe, worst_chosen
 
-    print(describe(args.path, rows=args.rows))
+    print(worst_chosen(args.path, args.worst) if args.worst else describe(args.path, rows=args.rows))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:

@@ -57,7 +57,7 @@ SECTIONS = ("policy", "prepare", "sample", "rank", "train", "eval", "embed", "re
 # The stage fields that the policy section owns in a run config (RunConfig.build fills them in).
 POLICY_FIELDS: dict[str, tuple[str, ...]] = {
     "sample": ("model", "template", "chat_template"),
-    "rank": ("template",),
+    "rank": ("model", "template", "chat_template"),
     "train": ("model", "chat_template"),
     "retention": ("chat_template",),
 }

@@ -516,7 +516,9 @@ class RankConfig(StageConfig):
 
     Strategy: ``strategy``, ``rejected``, ``hybrid_fraction``, ``template``, ``seed``. Scorer:
     ``scorer``, ``scorer_model``. Filters: ``min_length_ratio``, ``max_length_ratio``,
-    ``drop_truncated``, ``min_margin``, ``contamination_dir`` + ``contamination_tasks``.
+    ``drop_truncated``, ``min_margin``, ``contamination_dir`` + ``contamination_tasks``. Absolute checks
+    of sampled candidates (``sempa_train.stages.quality``): ``language``, ``min_fluency`` (with the
+    policy's ``model`` and ``chat_template``), ``min_chosen_score``.
     """
 
     strategy: str = option("sampled", "gold: the paper's NLI pairs; sampled: best candidate as chosen; "
@@ -541,6 +543,18 @@ class RankConfig(StageConfig):
     contamination_tasks: tuple[str, ...] = option(("STSBenchmark", "SICKRelatedness"),
                                                   "STS tasks checked for contamination")
     seed: int = option(0, "seed of the hybrid split")
+    language: str | None = option(None, "drop sampled candidates that py3langid confidently labels another "
+                                  "language (>= 0.6) or that are more than 5 percent non-Latin letters, e.g. en; "
+                                  "None: no check")
+    min_fluency: float | None = option(None, "drop sampled candidates whose mean token log-prob under the policy, "
+                                       "as its answer to the paraphrase prompt, is below this (-3.0 drops word "
+                                       "salad: 1 percent of SmolLM2's own candidates are below -2.41); None: no check")
+    min_chosen_score: float | None = option(None, "drop a sampled pair whose chosen candidate scores below this "
+                                            "(0.5 for the embedding scorer: meta-answers score <= 0.06, 95 percent of "
+                                            "chosen candidates >= 0.67); None: no floor")
+    model: str = option("smollm2-135m-instruct", "the policy (set by the policy section): the fluency check's model")
+    chat_template: str = option("auto", "the policy's chat template mode (set by the policy section)",
+                                choices=CHAT_MODES)
 
     def __post_init__(self) -> None:
         self._check_choices()

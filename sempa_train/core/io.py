@@ -245,9 +245,11 @@ def write_dataset(
     description: str = "",
     overwrite: bool = False,
     schema: pl.Schema | None = None,
+    quality: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``df`` as a dataset folder at ``out_dir`` atomically and return its manifest (``schema``: for kinds
-    whose schema has a parameter, e.g. the vector size of ``embeddings``)."""
+    whose schema has a parameter, e.g. the vector size of ``embeddings``; ``quality``: measures for the card's
+    quality section)."""
     with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
         write_parquet(df, tmp / DATA_FILE, schema or schema_for(kind))
         manifest = {
@@ -262,6 +264,7 @@ def write_dataset(
             "code_version": code_version(),
             "created_at": now_iso(),
             "description": description,
+            **({"quality": dict(quality)} if quality else {}),
         }
         write_json(tmp / MANIFEST_FILE, manifest)
         write_json(tmp / CONFIG_FILE, dict(config))
@@ -302,6 +305,8 @@ def render_card(manifest: Mapping[str, Any], df: pl.DataFrame) -> str:
         lines.append(f"- {name}: `{ref}`")
     if manifest.get("counts"):
         lines += ["", "## Counts", "", *_markdown_table(manifest["counts"], "what", "count")]
+    if manifest.get("quality"):
+        lines += ["", "## Quality", "", *_markdown_table(manifest["quality"], "measure", "value")]
     lines += ["", "## Dropped, by reason", ""]
     if manifest.get("drops"):
         lines += _markdown_table(manifest["drops"], "reason", "count")

@@ -1,4 +1,4 @@
-"""``sempa inspect``: a polars summary of a dataset folder or Parquet file."""
+"""``sempa inspect``: a polars summary of a dataset folder or Parquet file, and its worst chosen answers."""
 
 from __future__ import annotations
 
@@ -38,4 +38,22 @@ def describe(path: Path, *, rows: int = 5) -> str:
         out += ["", "dropped: " + ", ".join(f"{k}={v:,}" for k, v in manifest["drops"].items())]
     with pl.Config(fmt_str_lengths=60, tbl_cols=12, tbl_width_chars=160):
         out += ["", f"first {min(rows, df.height)} rows:", str(df.head(rows))]
+    return "\n".join(out)
+
+
+def worst_chosen(path: Path, n: int) -> str:
+    """The ``n`` scored chosen answers of a preference dataset with the lowest score, each with its premise: the
+    first rows to read when auditing what DPO is taught to prefer."""
+    df, manifest = read_any(Path(path))
+    missing = {"premise", "chosen", "chosen_score"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path}: --worst needs a preference dataset (columns premise, chosen, chosen_score); "
+                         f"missing {', '.join(sorted(missing))}")
+    scored = df.filter(pl.col("chosen_score").is_not_null()).sort("chosen_score").head(n)
+    if scored.is_empty():
+        return f"{path}: no scored chosen answer (a gold dataset without a scorer)"
+    out = [f"{path}: the {scored.height} lowest-scoring chosen answers of {df.height:,} pairs"
+           + (f" (scorer {manifest['config'].get('scorer_used')})" if manifest.get("config") else "")]
+    for row in scored.iter_rows(named=True):
+        out += ["", f"{row['chosen_score']:.3f}  premise: {row['premise']}", f"       chosen:  {row['chosen']}"]
     return "\n".join(out)

@@ -10,8 +10,10 @@ Strategies
 
 Candidate filters (each counted in the dataset card): empty after cleaning, truncated (hit
 max_tokens), copy of the premise (after normalisation), length ratio outside bounds, duplicate of an
-earlier candidate. Pair filters: score margin below ``min_margin``; contamination (premise, chosen
-or rejected appears in a configured evaluation set).
+earlier candidate; then the absolute checks of ``sempa_train.stages.quality`` that the config turns on
+(another language, disfluent). Pair filters: a chosen candidate below ``min_chosen_score``
+(``chosen_below_floor``; a hybrid premise then falls back to gold); score margin below ``min_margin``;
+contamination (premise, chosen or rejected appears in a configured evaluation set).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from sempa_train.core.schemas import PREFERENCE_SCHEMA
 from sempa_train.core.templates import resolve_template
 from sempa_train.core.text import normalize_text
 from sempa_train.stages.preferences import gold_row, preference_row
+from sempa_train.stages.quality import CandidateCheck, FluencyCheck, LanguageCheck, apply_checks
 from sempa_train.stages.scoring import Scorer
 
 log = logging.getLogger(__name__)
@@ -89,8 +93,10 @@ def rank_preferences(
     scorer: Scorer | None,
     contamination: frozenset[str] = frozenset(),
     source: str = "",
+    checks: Sequence[CandidateCheck] = (),
 ) -> Ranked:
-    """Build the preference table for ``cfg.strategy`` (pure: the scorer is built by the caller)."""
+    """Build the preference table for ``cfg.strategy`` (pure: the scorer and the checks are built by the
+    caller)."""
     needs_candidates = cfg.strategy in ("sampled", "hybrid")
     needs_triples = cfg.strategy in ("gold", "hybrid") or cfg.rejected == "contradiction"
     if needs_candidates and (candidates is None or scorer is None):
@@ -120,6 +126,10 @@ def rank_preferences(
                                                                               strict=True)), cfg)
             drops.update(reasons)
             kept[str(pid)] = texts
+    checked_kept = 0
+    if checks and kept:
+        kept = _apply_checks(checks, kept, candidates, drops)
+        checked_kept = sum(map(len, kept.values()))
     premise_of = {pid: t["premise"] for pid, t in gold.items()}
     if candidates is not None:
         premise_of.update(zip(candidates["premise_id"], candidates["premise"], strict=True))
@@ -161,7 +171,24 @@ def rank_preferences(
               "chosen_gold": int((table["chosen_origin"] == "gold").sum())}
     if candidates is not None:
         counts["candidates"] = candidates.height
+    if checks:
+        counts["checked_kept"] = checked_kept  # candidates that passed every absolute check
     return Ranked(table=table, counts=counts, drops=dict(sorted(drops.items())))
+
+
+def _apply_checks(checks: Sequence[CandidateCheck], kept: dict[str, list[str]], candidates: pl.DataFrame,
+                  drops: Counter[str]) -> dict[str, list[str]]:
+    """The kept candidates that pass every check (one batched call per check); failures counted by reason."""
+    premise_of = dict(zip(candidates["premise_id"], candidates["premise"], strict=True))
+    flat = [(pid, text) for pid, texts in kept.items() for text in texts]
+    reasons = apply_checks(checks, [premise_of[pid] for pid, _ in flat], [text for _, text in flat])
+    survivors: dict[str, list[str]] = {pid: [] for pid in kept}
+    for (pid, text), reason in zip(flat, reasons, strict=True):
+        if reason is None:
+            survivors[pid].append(text)
+        else:
+            drops[reason] += 1
+    return survivors
 
 
 def _sampled_row(
@@ -176,6 +203,9 @@ def _sampled_row(
             drops["premise_too_few_candidates"] += 1
             return None
         best, worst = picked
+        if cfg.min_chosen_score is not None and candidate_scores[best] < cfg.min_chosen_score:
+            drops["chosen_below_floor"] += 1
+            return None
         rejected, rejected_score, rejected_origin, rejected_row = texts[worst], candidate_scores[worst], "sampled", None
     else:
         if not texts:
@@ -185,6 +215,9 @@ def _sampled_row(
             drops["premise_without_contradiction"] += 1
             return None
         best = max(range(len(texts)), key=lambda i: (candidate_scores[i], -i))
+        if cfg.min_chosen_score is not None and candidate_scores[best] < cfg.min_chosen_score:
+            drops["chosen_below_floor"] += 1
+            return None
         rejected, rejected_origin, rejected_row = triple["contradiction"], "gold", triple["contradiction_row"]
         rejected_score = scores.get((premise, rejected))
     return preference_row(
@@ -193,6 +226,35 @@ def _sampled_row(
         source=triple["source"] if triple is not None else source,
         chosen_score=candidate_scores[best], rejected_score=rejected_score, rejected_row=rejected_row,
     )
+
+
+def quality_measures(ranked: Ranked) -> dict[str, Any]:
+    """What the card's quality section shows: the sampled chosen answers' score distribution and the share of
+    checked candidates each absolute check dropped."""
+    sampled = ranked.table.filter(pl.col("chosen_origin") == "sampled")["chosen_score"].drop_nulls()
+    out: dict[str, Any] = {"sampled chosen answers": sampled.len()}
+    if sampled.len():
+        for q in (0.01, 0.05, 0.25, 0.5):
+            out[f"chosen score, {q:.0%} quantile"] = round(float(sampled.quantile(q, "nearest")), 3)
+    checked = sum(v for k, v in ranked.drops.items() if k in CHECK_REASONS) + ranked.counts.get("checked_kept", 0)
+    for reason in CHECK_REASONS:
+        if reason in ranked.drops and checked:
+            out[f"{reason} (share of checked candidates)"] = round(ranked.drops[reason] / checked, 4)
+    return out
+
+
+CHECK_REASONS = ("candidate_not_english", "candidate_disfluent")
+
+
+def build_checks(cfg: RankConfig) -> list[CandidateCheck]:
+    """The absolute checks ``cfg`` turns on, cheapest first (each sees only what passed the ones before)."""
+    checks: list[CandidateCheck] = []
+    if cfg.language is not None:
+        checks.append(LanguageCheck(cfg.language))
+    if cfg.min_fluency is not None:
+        checks.append(FluencyCheck.load(cfg.model, template=cfg.template, min_logprob=cfg.min_fluency,
+                                        chat_template=cfg.chat_template))
+    return checks
 
 
 @dataclass(frozen=True)
@@ -246,13 +308,14 @@ def rank(
 
         scorer = load_scorer(cfg)
     ranked = rank_preferences(cfg, triples=triples_df, candidates=candidates_df, scorer=scorer,
-                              contamination=contamination, source=str(candidates or triples))
+                              contamination=contamination, source=str(candidates or triples),
+                              checks=build_checks(cfg) if candidates_df is not None else ())
     if ranked.table.is_empty():
         raise ValueError(f"rank: no preference pair survived (dropped: {ranked.drops}); nothing written")
     parents = {name: read_manifest(path).get("data_sha256", "")
                for name, path in (("triples_sha256", triples), ("candidates_sha256", candidates)) if path is not None}
     write_dataset(
-        out_dir, ranked.table, kind="preferences",
+        out_dir, ranked.table, kind="preferences", quality=quality_measures(ranked),
         config={**cfg.to_dict(), "scorer_used": getattr(scorer, "name", None)},
         source=str(candidates or triples), counts=ranked.counts, drops=ranked.drops, parents=parents,
         overwrite=overwrite,

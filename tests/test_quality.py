@@ -1,0 +1,122 @@
+"""Absolute checks of sampled candidates: language, fluency, the chosen-score floor; each drop counted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_ranking import P1, P2, TableScorer, candidates_df, triples_df
+
+from sempa_train.core.config import RankConfig
+from sempa_train.core.summary import worst_chosen
+from sempa_train.stages.quality import FluencyCheck, LanguageCheck, apply_checks, foreign_letter_share
+from sempa_train.stages.ranking import rank_preferences
+
+GIBBERISH = "Messingi wesner di marina fi, sjık, hghd in ochik med lucky diffratul piano."
+MIXED = 'Spanišiština odleglosuna povďća: "A man in a red coat is walking his dog along the beach."'
+
+
+class SetCheck:
+    """A check that fails the texts of a fixed set (stands in for a model-based one)."""
+
+    def __init__(self, reason: str, bad: set[str]):
+        self.reason, self.bad, self.seen = reason, bad, []
+
+    def failing(self, premises, candidates):
+        self.seen += list(candidates)
+        return [c in self.bad for c in candidates]
+
+
+def test_language_check_flags_other_languages_and_mixed_scripts_not_short_english():
+    check = LanguageCheck("en")
+    assert check.failing([P1] * 3, ["Un homme joue de la guitare sur la scène.", MIXED, "Der Mann spielt Gitarre."]) \
+        == [True, True, True]
+    english = ["A boy jumps.", "A person surfs.", "Girls ride ATVs.", "Two men play basketball.", "Bacon."]
+    assert check.failing([P1] * len(english), english) == [False] * len(english)
+    assert foreign_letter_share("Café au lait") == pytest.approx(1 / 10)
+
+
+def test_checks_run_in_order_on_survivors_and_name_the_first_failure():
+    first, second = SetCheck("a", {"x"}), SetCheck("b", {"x", "y"})
+    assert apply_checks([first, second], ["p"] * 3, ["x", "y", "z"]) == ["a", "b", None]
+    assert second.seen == ["y", "z"]  # the second check never sees what the first dropped
+
+
+def test_each_bad_candidate_is_dropped_with_its_reason_and_hybrid_falls_back_to_gold():
+    cands = candidates_df([
+        ("p1", P1, "", "stop"),                                   # empty
+        ("p1", P1, "Un homme joue de la guitare sur scène.", "stop"),  # another language
+        ("p1", P1, GIBBERISH, "stop"),                            # word salad (the fluency check)
+        ("p1", P1, "A man is not playing any guitar on stage.", "stop"),  # negated: scores below the floor
+        ("p2", P2, "Two dogs are running over a field of snow.", "stop"),
+    ])
+    scores = {"A man is not playing any guitar on stage.": 0.3, "Two dogs are running over a field of snow.": 0.9,
+              "Un homme joue de la guitare sur scène.": 0.95, GIBBERISH: 0.96}
+    cfg = RankConfig(strategy="hybrid", hybrid_fraction=1.0, min_chosen_score=0.5, min_length_ratio=0.0,
+                     max_length_ratio=10.0)
+    ranked = rank_preferences(cfg, triples=triples_df(), candidates=cands, scorer=TableScorer(scores),
+                              checks=[LanguageCheck("en"), SetCheck("candidate_disfluent", {GIBBERISH})])
+    assert ranked.drops == {"candidate_empty": 1, "candidate_not_english": 1, "candidate_disfluent": 1,
+                            "chosen_below_floor": 1, "hybrid_fallback_to_gold": 1}
+    rows = {r["premise_id"]: r for r in ranked.table.iter_rows(named=True)}
+    assert rows["p1"]["chosen_origin"] == "gold" and rows["p1"]["chosen"] == "A man plays music."
+    assert rows["p2"]["chosen"] == "Two dogs are running over a field of snow."
+    # with the sampled strategy a premise without an acceptable candidate is dropped, not filled with gold
+    sampled = rank_preferences(cfg.replace(strategy="sampled"), triples=triples_df(), candidates=cands,
+                               scorer=TableScorer(scores),
+                               checks=[LanguageCheck("en"), SetCheck("candidate_disfluent", {GIBBERISH})])
+    assert sampled.table["premise_id"].to_list() == ["p2"]
+    assert sampled.drops["chosen_below_floor"] == 1 and "hybrid_fallback_to_gold" not in sampled.drops
+
+
+def test_fluency_is_the_mean_log_prob_of_the_answer_tokens(tiny_model_dir):
+    import torch
+
+    from sempa_train.core.models import load_causal_lm
+    from sempa_train.core.text import paraphrase_prompt
+
+    lm, tok = load_causal_lm(str(tiny_model_dir))
+    check = FluencyCheck(lm, tok, template="P1", chat=False, min_logprob=-5.0)
+    premises, texts = [P1, P2], ["A man plays a guitar.", "Dogs run in the snow today."]
+    values = check.mean_logprobs(premises, texts)
+    prompt = tok(paraphrase_prompt(P2, check.template_text, tok, chat=False), add_special_tokens=False)["input_ids"]
+    answer = tok(texts[1], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = lm(input_ids=torch.tensor([prompt + answer])).logits[0, :-1]
+    manual = torch.log_softmax(logits, -1).gather(-1, torch.tensor(prompt + answer)[1:, None])[-len(answer):].mean()
+    assert values[1] == pytest.approx(float(manual), abs=1e-4)
+    assert check.failing(premises, texts) == list(values < -5.0)
+    assert np.all(values < 0)
+
+
+def test_inspect_worst_lists_the_lowest_scoring_chosen_answers(tmp_path):
+    from sempa_train.core.io import write_dataset
+
+    ranked = rank_preferences(RankConfig(strategy="sampled", min_length_ratio=0.0, max_length_ratio=10.0),
+                              triples=triples_df(), scorer=TableScorer({"A guitarist plays.": 0.2,
+                                                                        "Dogs run on snow.": 0.8}),
+                              candidates=candidates_df([("p1", P1, "A guitarist plays.", "stop"),
+                                                        ("p2", P2, "Dogs run on snow.", "stop")]))
+    write_dataset(tmp_path / "prefs", ranked.table, kind="preferences", config={"scorer_used": "table"}, source="x")
+    text = worst_chosen(tmp_path / "prefs", 1)
+    assert "0.200  premise: " + P1 in text and "A guitarist plays." in text and "Dogs run" not in text
+    write_dataset(tmp_path / "triples", triples_df(), kind="triples", config={}, source="x")
+    with pytest.raises(ValueError, match="needs a preference dataset"):
+        worst_chosen(tmp_path / "triples", 1)
+
+
+def test_the_card_has_a_quality_section(tmp_path):
+    from sempa_train.core.io import read_manifest, write_dataset
+    from sempa_train.stages.ranking import rank
+
+    write_dataset(tmp_path / "triples", triples_df(), kind="triples", config={}, source="x")
+    write_dataset(tmp_path / "cands", candidates_df([
+        ("p1", P1, "Un homme joue de la guitare sur la scène.", "stop"),
+        ("p1", P1, "A man plays a guitar on a stage.", "stop"),
+        ("p2", P2, "Two dogs are running over a field of snow.", "stop")]), kind="candidates", config={}, source="x")
+    cfg = RankConfig(strategy="sampled", language="en", min_length_ratio=0.0, max_length_ratio=10.0)
+    scorer = TableScorer({"A man plays a guitar on a stage.": 0.9, "Two dogs are running over a field of snow.": 0.7})
+    rank(cfg, tmp_path / "prefs", triples=tmp_path / "triples", candidates=tmp_path / "cands", scorer=scorer)
+    quality = read_manifest(tmp_path / "prefs")["quality"]
+    assert quality["candidate_not_english (share of checked candidates)"] == pytest.approx(1 / 3, abs=1e-3)
+    assert quality["chosen score, 50% quantile"] in (0.7, 0.9)
+    assert "## Quality" in (tmp_path / "prefs" / "README.md").read_text()
