@@ -155,12 +155,23 @@ def test_resume_after_failure_skips_finished_shards(tiny_model_dir, tiny_triples
 
 def test_changed_config_does_not_mix_shards(tiny_model_dir, tiny_triples, tmp_path):
     out = tmp_path / "cand"
-    plan_shards(cfg_for(tiny_model_dir), tiny_triples, out)
+    plan = plan_shards(cfg_for(tiny_model_dir), tiny_triples, out)
+    plan.shard_path(0).write_bytes(b"a finished shard")
     with pytest.raises(ValueError, match="another config"):
         plan_shards(cfg_for(tiny_model_dir, n=5), tiny_triples, out)
     # --overwrite starts over: the other run's shards are dropped, not mixed in
     result = sample_candidates(cfg_for(tiny_model_dir, n=1, max_premises=4), tiny_triples, out, overwrite=True,
                                show_progress=False)
+    assert result.counts["candidates"] == 4
+
+
+def test_a_failed_start_does_not_block_the_corrected_rerun(tiny_model_dir, tiny_triples, tmp_path):
+    """A mistyped model name fails before any shard exists; the rerun with the right name is not refused."""
+    out = tmp_path / "cand"
+    with pytest.raises(FileNotFoundError):
+        sample_candidates(cfg_for(tmp_path / "no-such-model", max_premises=4), tiny_triples, out, show_progress=False)
+    assert (work_dir_for(out) / "plan.json").is_file() and not list(work_dir_for(out).glob("shard-*"))
+    result = sample_candidates(cfg_for(tiny_model_dir, n=1, max_premises=4), tiny_triples, out, show_progress=False)
     assert result.counts["candidates"] == 4
 
 

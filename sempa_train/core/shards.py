@@ -66,18 +66,20 @@ def work_dir_for(out_dir: Path) -> Path:
 def open_shards(out_dir: Path, ids: Sequence[str], texts: Sequence[str], shard_size: int,
                 config: dict[str, Any]) -> ShardPlan:
     """The shard plan of ``out_dir``: a new work folder, or an earlier run's when it was for the same ``config``
-    and items (its finished shards are then reused); another run's work folder is an error."""
+    and items (its finished shards are then reused). Another run's work folder with finished shards is an
+    error; one without any (a start that failed, e.g. on a mistyped model name) is replaced."""
     work = work_dir_for(out_dir)
     plan = ShardPlan(work, list(ids), list(texts), shard_size)
     fingerprint = {"config": config, "ids": text_id(*plan.ids), "shards": plan.n_shards}
     plan_file = work / "plan.json"
-    if plan_file.is_file():
-        if read_json(plan_file) != fingerprint:
-            raise ValueError(f"{work} holds shards of a run with another config or other inputs; "
-                             "remove it (or pass --overwrite) to start over")
+    same = plan_file.is_file() and read_json(plan_file) == fingerprint
+    if plan_file.is_file() and not same and any(work.glob("shard-*.parquet")):
+        raise ValueError(f"{work} holds shards of a run with another config or other inputs; "
+                         "remove it (or pass --overwrite) to start over")
+    if same:
         for stale in work.glob(".*.tmp-*"):  # a shard being written when the process died
             stale.unlink()
-    else:
+    else:  # a new plan, or the plan of a run that never finished a shard (a failed start): nothing to keep
         work.mkdir(parents=True, exist_ok=True)
         write_json(plan_file, fingerprint)
     return plan
