@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ RECIPE = Path(__file__).resolve().parent / "configs" / "recipe_smollm2_quick.yam
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs too")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show library logs too, and the traceback of an error")
 
 
 def _stage_parser(sub: Any, name: str, cls: type, *, help: str, description: str,
@@ -122,7 +124,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     p.add_argument("config", type=Path, help="experiment YAML (see sempa_train/configs/experiments/)")
     p.add_argument("--results-only", action="store_true",
                    help="run nothing: write the results table of the arms evaluated so far (of a stopped run)")
-    p.add_argument("-v", "--verbose", action="store_true", help="show library logs too")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library logs too, and the traceback of an error")
 
     p = sub.add_parser("report", help="rebuild report.md and its plots from an evaluation folder",
                        description="Rebuild report.md and its PNG plots from the saved outputs of an evaluation "
@@ -154,7 +156,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     p.add_argument("--out", type=Path, help="results JSON file")
     add_arguments(p, EvalConfig)
     add_arguments(p, EmbedConfig)
-    p.add_argument("-v", "--verbose", action="store_true", help="show library logs too")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library logs too, and the traceback of an error")
 
     p = sub.add_parser("embed", help="embed a corpus into a Parquet dataset (id, text, vector) for search and more",
                        description="Embed every distinct text of SOURCE (.txt: one text a line; .jsonl/.csv/.parquet: "
@@ -178,7 +180,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     p.add_argument("index", type=Path, help="embeddings dataset folder (from sempa embed)")
     p.add_argument("query", help="the query text")
     p.add_argument("-k", type=int, default=5, help="how many results (default 5)")
-    p.add_argument("-v", "--verbose", action="store_true", help="show library logs too")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library logs too, and the traceback of an error")
 
     p = sub.add_parser("export", help="merge a LoRA adapter into its base model: one folder for any engine",
                        description="Write the base model with the adapter's update merged in (safetensors), its "
@@ -206,6 +208,7 @@ def _configure_logging(verbose: bool) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars; sempa's own progress bars stay
 
 
 def _stage_config(cls: type[C], args: argparse.Namespace, *, base: C | None = None) -> C:
@@ -356,14 +359,22 @@ def main(argv: Sequence[str] | None = None, *, extend: Callable[[Any], None] | N
     (``pipelines.cli`` adds ``sempa prefect``) without the library importing it."""
     args = build_parser(extend).parse_args(argv)
     _configure_logging(getattr(args, "verbose", False))
+    verbose = getattr(args, "verbose", False)
     try:
         {**COMMANDS, **(commands or {})}[args.command](args)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        print(f"sempa {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"sempa {args.command}: interrupted; completed outputs are kept, partial ones removed", file=sys.stderr)
         return 130
+    except Exception as e:  # one line for the user; the traceback with -v
+        if verbose:
+            traceback.print_exc()
+        if isinstance(e, (FileNotFoundError, FileExistsError, ValueError, RuntimeError)):  # our messages
+            print(f"sempa {args.command}: error: {e}", file=sys.stderr)
+        else:  # a library's: its first line, and where to see more
+            first = (str(e).splitlines() or [""])[0]
+            print(f"sempa {args.command}: error: {type(e).__name__}: {first}"
+                  + ("" if verbose else " (-v shows the traceback)"), file=sys.stderr)
+        return 2
     return 0
 
 

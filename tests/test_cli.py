@@ -126,3 +126,26 @@ def test_prepare_real_snli_counts_premises_with_both_labels(tmp_path):
     assert pl.read_parquet(tmp_path / "snli" / "preferences" / "data.parquet").height == expected
     manifest = json.loads((tmp_path / "snli" / "preferences" / "manifest.json").read_text())
     assert manifest["drops"]["premise_without_contradiction"] > 0
+
+
+def test_a_library_error_is_one_line_and_v_shows_the_traceback(tiny_model_dir, tmp_path, capsys):
+    """A corrupt adapter file fails inside safetensors: one line naming the error type, the traceback with -v."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sempa_train.cli import main
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                   LoraConfig(r=2, target_modules="all-linear")).save_pretrained(adapter)
+    (adapter / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    args = ["export", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--out", str(tmp_path / "m")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if "error" in line]
+    assert line.startswith("sempa export: error: SafetensorError: ") and line.endswith("(-v shows the traceback)")
+    assert "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+    assert main([*args, "-v"]) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err

@@ -77,3 +77,21 @@ def test_failed_write_leaves_old_data_and_no_temp(tmp_path):
     with pytest.raises(RuntimeError):
         crash_midway()
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+def test_a_tampered_or_half_copied_data_file_is_refused_by_name(tmp_path):
+    from sempa_train.core.io import IntegrityError
+    from sempa_train.core.store import dataset_hash
+
+    out = tmp_path / "ds"
+    recorded = write_dataset(out, triples(3), kind="triples", config={}, source="x")["data_sha256"]
+    assert dataset_hash(out) == recorded
+    triples(3).with_columns(premise=pl.lit("changed")).write_parquet(out / "data.parquet")  # valid, but not ours
+    for read in (lambda: read_dataset(out, "triples"), lambda: dataset_hash(out)):
+        with pytest.raises(IntegrityError, match=r"ds/data\.parquet: its content does not match the manifest"):
+            read()
+    write_dataset(out, triples(3), kind="triples", config={}, source="x", overwrite=True)
+    data = (out / "data.parquet").read_bytes()
+    (out / "data.parquet").write_bytes(data[: len(data) // 2])  # an interrupted copy
+    with pytest.raises(IntegrityError, match="copied incompletely"):
+        read_dataset(out, "triples")

@@ -198,12 +198,32 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return read_json(manifest) if manifest.is_file() else {}
 
 
+class IntegrityError(ValueError):
+    """A dataset's data file does not match the hash its manifest records (changed, or copied incompletely)."""
+
+
+def verify_dataset(path: Path) -> str:
+    """The data hash of a dataset folder, after checking the file against its manifest (``IntegrityError``)."""
+    path = Path(path)
+    recorded = read_manifest(path).get("data_sha256")
+    data = resolve_dataset_file(path)
+    actual = file_sha256(data)
+    if recorded and actual != recorded:
+        raise IntegrityError(f"{data}: its content does not match the manifest (sha256 {actual[:16]}…, recorded "
+                             f"{str(recorded)[:16]}…): the file was changed or copied incompletely; run the stage "
+                             "that wrote it again, or restore the folder")
+    return actual
+
+
 def read_dataset(path: Path, kind: str) -> pl.DataFrame:
-    """Read the table of a dataset folder (or a Parquet file) and check it against ``kind``'s schema."""
+    """Read the table of a dataset folder (or a Parquet file), verified against its manifest's hash and checked
+    against ``kind``'s schema."""
     path = Path(path)
     manifest = read_manifest(path)
     if manifest and manifest.get("kind") != kind:
         raise SchemaError(f"{path}: holds a {manifest.get('kind')!r} table, expected {kind!r}")
+    if manifest:
+        verify_dataset(path)
     return read_parquet(resolve_dataset_file(path), schema_for(kind))
 
 

@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from sempa_train import __version__
-from sempa_train.core.io import code_version, file_sha256, now_iso, read_json, read_manifest, write_json
+from sempa_train.core.io import (
+    code_version,
+    file_sha256,
+    now_iso,
+    read_json,
+    read_manifest,
+    verify_dataset,
+    write_json,
+)
 
 _VERSION = re.compile(r"^v(\d{4,})$")
 
@@ -41,13 +49,13 @@ def content_key(stage: str, config: Mapping[str, Any], inputs: Mapping[str, str]
 
 
 def dataset_hash(path: Path | str) -> str:
-    """The content hash of a dataset folder (its manifest's data hash) or of a plain file."""
+    """The content hash of a dataset folder (its manifest's data hash, verified against the file) or of a plain
+    file."""
     path = Path(path)
     if path.is_dir():
-        sha = read_manifest(path).get("data_sha256")
-        if not sha:
+        if not read_manifest(path).get("data_sha256"):
             raise ValueError(f"{path}: no data_sha256 in its manifest; not a sempa dataset folder")
-        return str(sha)
+        return verify_dataset(path)  # the recorded hash, once the file is checked against it
     return file_sha256(path)
 
 
