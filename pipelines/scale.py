@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -42,8 +43,10 @@ def run_shards_on_cluster(one_shard: Callable[[int], Any], pending: Sequence[int
 
 def dask_task_runner(cluster: ClusterConfig) -> DaskTaskRunner:
     """A runner on the configured scheduler, or on a new local cluster of worker processes on 127.0.0.1."""
-    if cluster.address:
-        return DaskTaskRunner(address=cluster.address)
+    if cluster.address:  # ClusterConfig refused a plain non-loopback address unless insecure was set
+        security = cluster.security
+        return DaskTaskRunner(address=cluster.address, **({"client_kwargs": {"security": security}}
+                                                          if security is not None else {}))
     dask.config.set({"distributed.worker.daemon": False})  # workers may start processes (vLLM engines)
     resources = cluster.resource_map()
     return DaskTaskRunner(cluster_kwargs={
@@ -60,3 +63,49 @@ def cluster_shard_runner(cluster: ClusterConfig) -> ShardRunner:
                                                                                   cluster.resource_map())
 
     return run
+
+
+def make_lab_certificates(folder: Path | str, hosts: Sequence[str] = ("127.0.0.1", "localhost"),
+                          days: int = 365) -> dict[str, Path]:
+    """A private CA and one certificate signed by it (for the scheduler, the workers and the clients of a lab
+    cluster), written to ``folder`` as PEM files (keys readable by the owner only). Returns their paths:
+    ``ca`` (give it to every node as the trusted CA), ``cert`` and ``key`` (the node and client identity).
+    Hand the key only to machines that may run code on the cluster."""
+    import datetime
+    import ipaddress
+    import os
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sempa lab cluster CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now)
+          .not_valid_after(now + datetime.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sempa lab cluster node")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = {"ca": folder / "ca.pem", "cert": folder / "node.pem", "key": folder / "node-key.pem"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    with open(paths["key"], "wb", opener=lambda path, flags: os.open(path, flags, 0o600)) as handle:
+        handle.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return paths

@@ -77,3 +77,19 @@ def test_run_and_stage_config_files_share_one_reader(tmp_path):
         TrainConfig.load(empty)  # an empty stage config file is refused, as before
     with pytest.raises(FileNotFoundError, match="not a LoRA adapter folder"):
         artifact_hash("adapter", tmp_path)
+
+
+def test_a_plain_cluster_address_off_loopback_is_refused_unless_insecure():
+    from sempa_train.core.config import ClusterConfig
+
+    with pytest.raises(ValueError, match="plain connection to a non-loopback host"):
+        ClusterConfig(address="tcp://10.0.0.5:8786")
+    with pytest.raises(ValueError, match="plain connection"):
+        ClusterConfig(address="tcp://0.0.0.0:8786")
+    for ok in ("tcp://127.0.0.1:8786", "tcp://localhost:8786", "tcp://[::1]:8786"):
+        assert ClusterConfig(address=ok).security is None
+    assert ClusterConfig(address="tcp://10.0.0.5:8786", insecure=True).enabled
+    with pytest.raises(ValueError, match="is TLS: give tls_ca_file"):
+        ClusterConfig(address="tls://10.0.0.5:8786")
+    with pytest.raises(ValueError, match="needs all of"):
+        ClusterConfig(address="tls://10.0.0.5:8786", tls_ca_file="ca.pem")

@@ -87,3 +87,30 @@ def test_sample_on_dask_survives_a_dead_worker(prefect_harness, dask_cluster, ti
     assert result.counts["shards"] == 8
     assert table["premise_id"].to_list() == single["premise_id"].to_list()
     assert table.select("premise_id", "candidate_idx").equals(single.select("premise_id", "candidate_idx"))
+
+
+def test_sample_on_a_tls_cluster_with_lab_certificates(prefect_harness, tiny_model_dir, tiny_triples,  # noqa: F811
+                                                         tmp_path):
+    """A scheduler that requires TLS, certificates from make_lab_certificates: the tiny sampling runs with them,
+    and a client without them is turned away."""
+    from distributed import Client, LocalCluster, Security
+
+    from pipelines.scale import cluster_shard_runner, make_lab_certificates
+
+    certs = make_lab_certificates(tmp_path / "certs")
+    assert oct(certs["key"].stat().st_mode & 0o777) == "0o600"
+    node = {"tls_ca_file": str(certs["ca"]), "tls_scheduler_cert": str(certs["cert"]),
+            "tls_scheduler_key": str(certs["key"]), "tls_worker_cert": str(certs["cert"]),
+            "tls_worker_key": str(certs["key"]), "tls_client_cert": str(certs["cert"]),
+            "tls_client_key": str(certs["key"])}
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tls://", host="127.0.0.1",
+                      dashboard_address=None, security=Security(**node, require_encryption=True)) as cluster:
+        address = cluster.scheduler_address
+        assert address.startswith("tls://")
+        cluster_cfg = ClusterConfig(address=address, tls_ca_file=str(certs["ca"]), tls_cert=str(certs["cert"]),
+                                    tls_key=str(certs["key"]))
+        cfg = cfg_for(tiny_model_dir, max_premises=6, shard_size=3, max_tokens=12)
+        result = sample_candidates(cfg, tiny_triples, tmp_path / "cand", shard_runner=cluster_shard_runner(cluster_cfg))
+        assert result.counts["shards"] == 2 and result.counts["candidates"] == 18
+        with pytest.raises(Exception):  # noqa: B017, PT011 - refused at the TLS handshake, or times out
+            Client(address.replace("tls://", "tcp://"), timeout=3)

@@ -613,19 +613,42 @@ class GateConfig(StageConfig):
             _check_positive("max_perplexity_ratio", self.max_perplexity_ratio)
 
 
+def _is_loopback(host: str) -> bool:
+    """True for localhost and loopback IP addresses."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig(StageConfig):
     """Where the sample stage runs its shards: this process (default) or a Dask cluster.
 
-    ``address`` names a running Dask scheduler (``tcp://host:8786``); ``local_workers`` > 0 starts a
+    ``address`` names a running Dask scheduler (``tls://host:8786``); ``local_workers`` > 0 starts a
     local cluster of that many worker processes on 127.0.0.1 instead. ``resources`` are what each shard
     job needs from a worker (``GPU=1`` for one engine per GPU; start workers with ``--resources GPU=1``).
+
+    Dask sends pickled functions: whoever reaches a scheduler runs code on its workers. A ``tls://``
+    address uses the certificates named here (``tls_ca_file``, ``tls_cert``, ``tls_key``: the client's,
+    signed by the cluster's CA; ``docs/SECURITY.md``); a plain ``tcp://`` address is accepted only on
+    the loopback interface unless ``insecure`` says otherwise.
     """
 
-    address: str | None = option(None, "Dask scheduler address (tcp://host:port); None: no cluster")
+    address: str | None = option(None, "Dask scheduler address (tls://host:port, or tcp:// on loopback); None: no "
+                                 "cluster")
     local_workers: int = option(0, "start a local Dask cluster with this many worker processes (0: none)")
     threads_per_worker: int = option(1, "threads per local worker process")
     resources: str = option("", "resources each shard job needs, e.g. GPU=1 (comma-separated NAME=AMOUNT)")
+    tls_ca_file: str | None = option(None, "CA certificate (PEM) the scheduler's certificate is signed by")
+    tls_cert: str | None = option(None, "this client's certificate (PEM), signed by the cluster's CA")
+    tls_key: str | None = option(None, "this client's private key (PEM)")
+    insecure: bool = option(False, "allow a plain tcp:// scheduler on a non-loopback address: anyone who can "
+                            "reach it can run code on the workers")
 
     def __post_init__(self) -> None:
         _check_positive("local_workers", self.local_workers, allow_zero=True)
@@ -633,6 +656,29 @@ class ClusterConfig(StageConfig):
         if self.address and self.local_workers:
             raise ValueError("give either address (an existing cluster) or local_workers (a new one), not both")
         self.resource_map()
+        tls = (self.tls_ca_file, self.tls_cert, self.tls_key)
+        if any(tls) and not all(tls):
+            raise ValueError("TLS needs all of tls_ca_file, tls_cert and tls_key")
+        if self.address:
+            scheme, _, rest = self.address.partition("://")
+            host = rest.rsplit(":", 1)[0].strip("[]") if rest else ""
+            if scheme == "tls" and not all(tls):
+                raise ValueError(f"cluster address {self.address} is TLS: give tls_ca_file, tls_cert and tls_key")
+            if scheme != "tls" and not _is_loopback(host) and not self.insecure:
+                raise ValueError(f"cluster address {self.address} is a plain connection to a non-loopback host: "
+                                 "anyone who can reach it can run code on the workers. Use tls:// with "
+                                 "certificates (docs/SECURITY.md), or set cluster.insecure: true on a network "
+                                 "you trust")
+
+    @property
+    def security(self) -> Any:
+        """The ``distributed.Security`` of a TLS cluster (None for plain connections)."""
+        if not self.tls_ca_file:
+            return None
+        from distributed import Security
+
+        return Security(tls_ca_file=self.tls_ca_file, tls_client_cert=self.tls_cert, tls_client_key=self.tls_key,
+                        require_encryption=True)
 
     @property
     def enabled(self) -> bool:
