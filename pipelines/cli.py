@@ -27,7 +27,11 @@ def add_prefect_command(sub: Any) -> None:
     p.add_argument("deployment", nargs="?", default="full", help="for run: full, refresh or evaluate")
     p.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
                    help="for run: a flow parameter, value in JSON (repeatable)")
-    p.add_argument("--port", type=int, default=4200, help="server port on 127.0.0.1 (default 4200)")
+    p.add_argument("--port", type=int, default=4200, help="server port (default 4200)")
+    p.add_argument("--host", default="127.0.0.1", help="interface the server listens on (default 127.0.0.1); "
+                   "another one needs --auth-string-file")
+    p.add_argument("--auth-string-file", type=Path, help="file holding user:password: Prefect's basic auth for "
+                   "the server and this machine's clients (docs/SECURITY.md)")
     p.add_argument("--state-dir", type=Path, default=Path("outputs/prefect"), help="pid files and logs")
 
 
@@ -35,8 +39,9 @@ def prefect_command(args: argparse.Namespace) -> None:
     """Bring the local Prefect stack up or down, run a deployment and wait, or print its status."""
     from pipelines.local import LocalPrefect, PrefectUnavailableError
 
-    local = LocalPrefect(port=args.port, state_dir=args.state_dir)
     try:
+        local = LocalPrefect(port=args.port, state_dir=args.state_dir, host=args.host,
+                             auth_string_file=args.auth_string_file)
         if args.action == "up":
             local.up()
             print(f"Prefect server: {local.api_url.removesuffix('/api')} (UI); worker on pool {local.pool}")

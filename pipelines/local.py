@@ -33,18 +33,52 @@ class PrefectUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class LocalPrefect:
-    """Where the local server listens and where its pids and logs are kept."""
+    """Where the local server listens and where its pids and logs are kept.
+
+    ``host`` is 127.0.0.1 unless the server has to be reached from elsewhere; then ``auth_string_file``
+    (a file holding ``user:password``, readable by its owner only) turns on Prefect's basic auth: the
+    server gets it as ``PREFECT_SERVER_API_AUTH_STRING``, this machine's clients (worker, deploy, runs)
+    as ``PREFECT_API_AUTH_STRING``. A non-loopback host without it is refused.
+    """
 
     port: int = 4200
     state_dir: Path = Path("outputs/prefect")
     pool: str = POOL
+    host: str = "127.0.0.1"
+    auth_string_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_loopback(self.host) and self.auth_string_file is None:
+            raise PrefectUnavailableError(
+                f"refusing to start a Prefect server on {self.host} without authentication: anyone who reaches it "
+                "can run any deployment with any parameters. Pass --auth-string-file FILE (a file holding "
+                "user:password), or keep the default host 127.0.0.1")
+        if self.auth_string_file is not None:
+            self.auth_string()  # fail early on a missing or empty file
+
+    def auth_string(self) -> str | None:
+        """The basic-auth string of the file, or None without one."""
+        if self.auth_string_file is None:
+            return None
+        path = Path(self.auth_string_file)
+        if not path.is_file():
+            raise PrefectUnavailableError(f"{path}: no such auth string file")
+        text = path.read_text(encoding="utf-8").strip()
+        if ":" not in text or text.startswith(":") or text.endswith(":"):
+            raise PrefectUnavailableError(f"{path}: must hold one line user:password")
+        return text
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
+        client_host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{client_host}:{self.port}/api"
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "PREFECT_API_URL": self.api_url}
+        env = {**os.environ, "PREFECT_API_URL": self.api_url}
+        auth = self.auth_string()
+        if auth is not None:
+            env.update(PREFECT_SERVER_API_AUTH_STRING=auth, PREFECT_API_AUTH_STRING=auth)
+        return env
 
     def healthy(self) -> bool:
         try:
@@ -73,10 +107,10 @@ class LocalPrefect:
         return proc.pid
 
     def start_server(self, timeout: float = 120.0) -> None:
-        """Start ``prefect server start`` on 127.0.0.1 unless one already answers; wait until healthy."""
+        """Start ``prefect server start`` on ``host`` unless one already answers; wait until healthy."""
         if self.healthy():
             return
-        self._start("server", ["server", "start", "--host", "127.0.0.1", "--port", str(self.port)])
+        self._start("server", ["server", "start", "--host", self.host, "--port", str(self.port)])
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.healthy():
@@ -110,6 +144,8 @@ class LocalPrefect:
     def up(self) -> None:
         self.start_server()
         self.prefect("config", "set", f"PREFECT_API_URL={self.api_url}")
+        if self.auth_string() is not None:  # so that `prefect deployment run` from this user's shell authenticates
+            self.prefect("config", "set", f"PREFECT_API_AUTH_STRING={self.auth_string()}")
         self.deploy()
         self.start_worker()
 
@@ -148,6 +184,17 @@ class LocalPrefect:
         for key, value in (params or {}).items():
             args += ["--param", f"{key}={json.dumps(value)}"]
         return subprocess.run([sys.executable, "-m", "prefect", *args], cwd=PROJECT_DIR, env=self.env()).returncode
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _alive(pid: int | None) -> bool:

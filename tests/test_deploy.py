@@ -75,3 +75,43 @@ def test_unreachable_server_says_how_to_start_it(tmp_path):
     local = LocalPrefect(port=free_port(), state_dir=tmp_path)
     with pytest.raises(PrefectUnavailableError, match="sempa prefect up"):
         local.run_deployment("full")
+
+
+def test_a_server_with_an_auth_string_rejects_clients_without_it(tmp_path, monkeypatch):
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from pipelines.local import LocalPrefect, PrefectUnavailableError
+
+    secret = tmp_path / "auth"
+    secret.write_text("sempa:correct-horse\n")
+    with pytest.raises(PrefectUnavailableError, match="without authentication"):
+        LocalPrefect(host="0.0.0.0", state_dir=tmp_path)
+    (tmp_path / "bad").write_text("no-colon")
+    with pytest.raises(PrefectUnavailableError, match="user:password"):
+        LocalPrefect(auth_string_file=tmp_path / "bad", state_dir=tmp_path)
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    local = LocalPrefect(port=free_port(), state_dir=tmp_path / "state", auth_string_file=secret)
+    try:
+        local.start_server()
+
+        def post(headers: dict[str, str]) -> int:
+            request = urllib.request.Request(f"{local.api_url}/flows/filter", data=b"{}", method="POST",
+                                             headers={"Content-Type": "application/json", **headers})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert post({}) == 401
+        wrong = base64.b64encode(b"sempa:wrong").decode()
+        assert post({"Authorization": f"Basic {wrong}"}) == 401
+        right = base64.b64encode(b"sempa:correct-horse").decode()
+        assert post({"Authorization": f"Basic {right}"}) == 200
+        assert local.prefect("work-pool", "ls").returncode == 0  # the CLI clients get the auth string
+    finally:
+        local.down()
