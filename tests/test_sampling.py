@@ -261,3 +261,19 @@ def test_stop_at_newline_ends_candidates_at_their_first_line(tiny_model_dir, mon
     assert (stopped.completion_tokens, stopped.finish_reason) == (3, "stop")
     assert stopped.text == tokenizer.decode(answer[:3], skip_special_tokens=True)
     assert "stop_strings" not in calls[0] and calls[1]["stop_strings"] == ["\n"]  # transformers stops early too
+
+
+def test_a_prompt_too_long_for_the_engine_is_a_counted_skip(tiny_model_dir, tiny_triples, tmp_path):
+    from sempa_train.core.models import load_tokenizer
+    from sempa_train.core.templates import PARAPHRASE_TEMPLATES
+    from sempa_train.core.text import paraphrase_prompt
+
+    table = pl.read_parquet(tiny_triples / "data.parquet").head(8)
+    tok = load_tokenizer(tiny_model_dir)
+    lengths = [len(tok(paraphrase_prompt(p, PARAPHRASE_TEMPLATES["P1"], tok, chat=True),
+                       add_special_tokens=False)["input_ids"]) for p in table["premise"]]
+    limit = sorted(lengths)[3] + 4  # the four longest prompts leave fewer than max_tokens=5
+    cfg = cfg_for(tiny_model_dir, max_premises=8, n=1, max_tokens=5, max_model_len=limit)
+    result = sample_candidates(cfg, tiny_triples, tmp_path / "cand", show_progress=False)
+    kept = sum(n + 5 <= limit for n in lengths)
+    assert result.counts["skipped_prompt_too_long"] == 8 - kept and result.counts["candidates"] == kept

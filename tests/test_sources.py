@@ -115,3 +115,13 @@ def test_missing_file_and_unknown_extension(tmp_path):
 )
 def test_parse_label(raw, code):
     assert parse_label(raw) == code
+
+
+def test_an_over_long_premise_is_dropped_and_counted(tmp_path):
+    long = "word " * 50_000
+    rows = [{"premise": long, "hypothesis": "E.", "label": 0}, {"premise": long, "hypothesis": "C.", "label": 2},
+            {"premise": "A dog runs.", "hypothesis": "An animal moves.", "label": 0},
+            {"premise": "A dog runs.", "hypothesis": "A cat sleeps.", "label": 2}]
+    triples = group_triples(read_nli(str(write_jsonl(tmp_path / "nli.jsonl", rows))), max_premise_words=200)
+    assert triples.table["premise"].to_list() == ["A dog runs."]
+    assert triples.drops["premise_too_long"] == 2

@@ -189,6 +189,9 @@ class PrepareConfig(StageConfig):
     seed: int = option(0, "seed for picking each premise's hypotheses and the max_premises subset")
     max_premises: int | None = option(None, "keep a seeded random subset of this many premises (of those with "
                                       "both an entailment and a contradiction)")
+    max_premise_words: int = option(200, "drop premises longer than this many words (premise_too_long; SmolLM2's "
+                                    "tokenizer makes about 1.3 tokens a word of English): an over-long premise "
+                                    "would overflow the sampling engine's context")
 
     def __post_init__(self) -> None:
         self._check_choices()
@@ -477,7 +480,8 @@ class SampleConfig(StageConfig):
     dtype: str = option("auto", "weights dtype (auto: bfloat16 where supported, else float32)", choices=DTYPES)
     device: str = option("auto", "transformers backend device (vLLM picks its own)", choices=DEVICES)
     gpu_memory_utilization: float = option(0.85, "vLLM: fraction of GPU memory for weights + KV cache")
-    max_model_len: int = option(1024, "vLLM: max tokens of prompt + completion")
+    max_model_len: int = option(1024, "max tokens of prompt + completion: a premise whose prompt leaves less than "
+                                "max_tokens is skipped and counted (skipped_prompt_too_long), never a failed shard")
     tensor_parallel_size: int = option(1, "vLLM: GPUs per engine (tensor parallel)")
     data_parallel_size: int = option(1, "vLLM: engine replicas inside one sampling job (data parallel)")
     max_num_seqs: int | None = option(None, "vLLM: sequences decoded together (None: vLLM's default)")

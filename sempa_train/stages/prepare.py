@@ -48,7 +48,8 @@ def prepare(cfg: PrepareConfig, out_dir: Path, *, overwrite: bool = False) -> Pr
     if out_dir.exists() and not overwrite:  # fail before the (possibly long) read
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
     pairs = read_nli(cfg.source, cfg.source_format, cfg.split)
-    triples = group_triples(pairs, pairing=cfg.pairing, seed=cfg.seed, max_premises=cfg.max_premises)
+    triples = group_triples(pairs, pairing=cfg.pairing, seed=cfg.seed, max_premises=cfg.max_premises,
+                            max_premise_words=cfg.max_premise_words)
     if triples.table.is_empty():
         raise SourceError(
             f"{cfg.source}: no premise has both an entailment and a contradiction hypothesis "

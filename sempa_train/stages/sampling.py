@@ -66,6 +66,13 @@ def sample_shard(
     template_id, template_text = resolve_template(cfg.template)
     texts = [paraphrase_prompt(p, template_text, tokenizer, chat=chat) for p in premises]
     prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    fits = [len(prompt) + cfg.max_tokens <= cfg.max_model_len for prompt in prompts]
+    if not all(fits):  # skipped and counted when assembled, never a failed shard
+        log.warning("sample: %d prompt(s) longer than max_model_len - max_tokens skipped", fits.count(False))
+        premise_ids, premises, prompts = ([x for x, ok in zip(items, fits, strict=True) if ok]
+                                          for items in (premise_ids, premises, prompts))
+    if not prompts:
+        return pl.DataFrame(schema=CANDIDATES_SCHEMA)
     seeds = [premise_seed(cfg.seed, pid) for pid in premise_ids]
     generations = backend.generate(prompts, seeds, cfg.generation)
     rows = [
@@ -189,6 +196,7 @@ def assemble(cfg: SampleConfig, plan: ShardPlan, triples: Path, out_dir: Path, b
         "shards": plan.n_shards,
         "empty_after_cleaning": int((table["text"] == "").sum()),
         "truncated": int((table["finish_reason"] == "length").sum()),
+        "skipped_prompt_too_long": len(plan.ids) - table["premise_id"].n_unique(),
         "completion_tokens": int(table["completion_tokens"].sum()),
     }
     parents = {"triples_sha256": read_manifest(triples).get("data_sha256", "")}

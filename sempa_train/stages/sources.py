@@ -205,7 +205,8 @@ class Triples:
     drops: dict[str, int]
 
 
-def group_triples(pairs: NLIPairs, *, pairing: str = "one", seed: int = 0, max_premises: int | None = None) -> Triples:
+def group_triples(pairs: NLIPairs, *, pairing: str = "one", seed: int = 0, max_premises: int | None = None,
+                  max_premise_words: int | None = None) -> Triples:
     """Group pairs by premise into (premise, entailment, contradiction) triples.
 
     ``one`` keeps one triple per premise, picking its entailment and contradiction with an RNG seeded
@@ -213,12 +214,16 @@ def group_triples(pairs: NLIPairs, *, pairing: str = "one", seed: int = 0, max_p
     ``all`` keeps every combination. Only premises with both an entailment and a contradiction
     yield triples; they keep their first-appearance order, and ``max_premises`` keeps a seeded
     random subset of them. Duplicate pairs count once; a hypothesis given both labels
-    for the same premise is dropped as conflicting.
+    for the same premise is dropped as conflicting; a premise of more than ``max_premise_words`` words is
+    dropped (``premise_too_long``, one count per pair).
     """
     drops = Counter(pairs.drops)
     by_premise: dict[str, dict[str, dict[int, int]]] = {}  # premise → hypothesis → label → first row
     for premise, hypothesis, label, row in zip(pairs.premises, pairs.hypotheses, pairs.labels, pairs.row_ids,
                                                strict=True):
+        if max_premise_words is not None and len(premise.split()) > max_premise_words:
+            drops["premise_too_long"] += 1
+            continue
         labels = by_premise.setdefault(premise, {}).setdefault(hypothesis, {})
         if label in labels:
             drops["duplicate_pair"] += 1
