@@ -33,6 +33,8 @@ def add_prefect_command(sub: Any) -> None:
     p.add_argument("--auth-string-file", type=Path, help="file holding user:password: Prefect's basic auth for "
                    "the server and this machine's clients (docs/SECURITY.md)")
     p.add_argument("--state-dir", type=Path, default=Path("outputs/prefect"), help="pid files and logs")
+    p.add_argument("--no-schedules", action="store_true", help="for up: deploy without the refresh deployment's "
+                   "daily schedule (by default it runs at 03:00 UTC)")
 
 
 def prefect_command(args: argparse.Namespace) -> None:
@@ -43,8 +45,13 @@ def prefect_command(args: argparse.Namespace) -> None:
         local = LocalPrefect(port=args.port, state_dir=args.state_dir, host=args.host,
                              auth_string_file=args.auth_string_file)
         if args.action == "up":
-            local.up()
+            local.up(schedules=not args.no_schedules)
             print(f"Prefect server: {local.api_url.removesuffix('/api')} (UI); worker on pool {local.pool}")
+            if args.no_schedules:
+                print("schedules:         none (deployed with --no-schedules)")
+            else:
+                print("schedules:         sempa/refresh runs daily at 03:00 UTC (sempa prefect up --no-schedules, "
+                      "or pause it in the UI)")
             print("run the pipeline:  prefect deployment run sempa/full --watch")
             print("stop everything:   sempa prefect down")
         elif args.action == "run":

@@ -60,6 +60,7 @@ def sempa(
                 "corpus": {**(corpus or {}), **({"source": source} if source else {})}}
     cfg = RunConfig.build(config, preset=preset, overrides={k: v for k, v in sections.items() if v}, model=model)
     store = Store(root)
+    store.dataset_dir(dataset)  # a bad dataset name fails here, before any stage runs
     given = {"adapter": Path(adapter)} if adapter else {}
     if "train" in stages and not set(stages) & set(DATA_STAGES):
         given["preferences"] = store.latest(dataset) / "preferences"  # train on the newest published version

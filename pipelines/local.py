@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 POOL = "sempa-local"
+SCHEDULED = ("sempa/refresh",)  # deployments of flows.yaml with a schedule (daily at 03:00 UTC)
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -129,24 +130,28 @@ class LocalPrefect:
                 f"(or `prefect server start --host 127.0.0.1 --port {self.port}`)"
             )
 
-    def deploy(self) -> None:
-        """Create the process work pool (once) and deploy every deployment of flows.yaml."""
+    def deploy(self, *, schedules: bool = True) -> None:
+        """Create the process work pool (once) and deploy every deployment of flows.yaml; without ``schedules`` the
+        scheduled deployments (refresh) get no schedule."""
         self.require_server()
         if self.prefect("work-pool", "inspect", self.pool, check=False).returncode != 0:
             self.prefect("work-pool", "create", self.pool, "--type", "process")
         self.prefect("deploy", "--all", "--prefect-file", "flows.yaml", "--no-prompt")
+        if not schedules:
+            for name in SCHEDULED:
+                self.prefect("deployment", "schedule", "clear", name, "--accept-yes")
 
     def start_worker(self) -> None:
         if _alive(self._pid("worker")):
             return
         self._start("worker", ["worker", "start", "--pool", self.pool])
 
-    def up(self) -> None:
+    def up(self, *, schedules: bool = True) -> None:
         self.start_server()
         self.prefect("config", "set", f"PREFECT_API_URL={self.api_url}")
         if self.auth_string() is not None:  # so that `prefect deployment run` from this user's shell authenticates
             self.prefect("config", "set", f"PREFECT_API_AUTH_STRING={self.auth_string()}")
-        self.deploy()
+        self.deploy(schedules=schedules)
         self.start_worker()
 
     def _pid(self, name: str) -> int | None:

@@ -95,3 +95,14 @@ def test_a_tampered_or_half_copied_data_file_is_refused_by_name(tmp_path):
     (out / "data.parquet").write_bytes(data[: len(data) // 2])  # an interrupted copy
     with pytest.raises(IntegrityError, match="copied incompletely"):
         read_dataset(out, "triples")
+
+
+def test_dataset_folders_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_dataset(tmp_path / "ds", triples(1), kind="triples", config={}, source="x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ds").stat().st_mode & 0o777 == 0o755

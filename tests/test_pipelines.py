@@ -131,6 +131,9 @@ def test_bad_parameters_fail_before_any_stage(prefect_harness, tmp_path):
     assert state.is_failed() and "strategy must be one of gold, sampled, hybrid, got 'best'" in str(
         state.result(raise_on_failure=False))
     assert not (tmp_path / "stages").exists()
+    state = sempa(dataset="../elsewhere", root=str(tmp_path), return_state=True)
+    assert state.is_failed() and "dataset name must be" in str(state.result(raise_on_failure=False))
+    assert not (tmp_path / "stages").exists()
 
 
 def test_task_logic_through_fn(prefect_harness, tmp_path):

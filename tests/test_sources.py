@@ -125,3 +125,15 @@ def test_an_over_long_premise_is_dropped_and_counted(tmp_path):
     triples = group_triples(read_nli(str(write_jsonl(tmp_path / "nli.jsonl", rows))), max_premise_words=200)
     assert triples.table["premise"].to_list() == ["A dog runs."]
     assert triples.drops["premise_too_long"] == 2
+
+
+def test_a_non_utf8_byte_is_named_with_file_and_line(tmp_path):
+    path = tmp_path / "nli.jsonl"
+    path.write_bytes(b'{"premise": "A.", "hypothesis": "B.", "label": 0}\n{"premise": "caf\xe9", "hypothesis": "C.", '
+                     b'"label": 2}\n')
+    with pytest.raises(SourceError, match=r"nli\.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        read_nli(str(path))
+    csv_path = tmp_path / "nli.csv"
+    csv_path.write_bytes(b"premise,hypothesis,label\nA.,B.,0\ncaf\xe9,C.,2\n")
+    with pytest.raises(SourceError, match=r"nli\.csv:\d+: not UTF-8 text"):
+        read_nli(str(csv_path))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -227,6 +228,16 @@ def read_dataset(path: Path, kind: str) -> pl.DataFrame:
     return read_parquet(resolve_dataset_file(path), schema_for(kind))
 
 
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new folder in ``parent`` with the permissions of any folder the user makes (``mkdtemp`` makes them 0700,
+    and the folder keeps them once renamed into place)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target``; on success rename it onto ``target``.
@@ -238,7 +249,7 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = make_temp_dir(target.parent, f".{target.name}.tmp-")
     try:
         yield tmp
         replace_dir(tmp, target)

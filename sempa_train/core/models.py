@@ -216,7 +216,9 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
     plain.load_state_dict(loaded.state_dict())
     plain.to(dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    from sempa_train.core.io import make_temp_dir
+
+    tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from sempa_train import __version__
 from sempa_train.core.io import (
     code_version,
     file_sha256,
+    make_temp_dir,
     now_iso,
     read_json,
     read_manifest,
@@ -101,7 +101,7 @@ class Store:
         """Copy the dataset folders ``parts`` into a new immutable version of ``name`` and point ``latest`` at it."""
         folder = self.dataset_dir(name)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=folder))
+        tmp = make_temp_dir(folder, ".publish-")
         try:
             for part, source in parts.items():
                 _link_or_copy_tree(Path(source), tmp / part)

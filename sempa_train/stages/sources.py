@@ -101,8 +101,11 @@ def detect_format(source: str) -> str:
         if suffix == ".parquet":
             return "parquet"
         if suffix in (".csv", ".tsv"):
-            with path.open(encoding="utf-8", newline="") as f:
-                header = next(csv.reader(f, delimiter="\t" if suffix == ".tsv" else ","), [])
+            try:
+                with path.open(encoding="utf-8", newline="") as f:
+                    header = next(csv.reader(f, delimiter="\t" if suffix == ".tsv" else ","), [])
+            except UnicodeDecodeError:
+                raise SourceError(f"{source}:1: not UTF-8 text; convert the file to UTF-8") from None
             return "simcse" if set(SIMCSE_COLUMNS) <= set(header) else "csv"
         raise SourceError(f"{source}: cannot tell the format from the extension {suffix!r}; pass --source-format")
     if path.exists():
@@ -136,10 +139,19 @@ def read_nli(source: str, source_format: str = "auto", split: str = "train") -> 
     return pairs
 
 
+def _decoded(path: Path, lineno: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                          "convert the file to UTF-8") from None
+
+
 def _jsonl_records(path: Path) -> Iterator[Mapping[str, Any]]:
     seen_columns: set[str] = set()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decoded(path, lineno, raw)
             if not line.strip():
                 continue
             try:
@@ -157,12 +169,18 @@ def _csv_records(path: Path, required: Iterable[str]) -> Iterator[Mapping[str, A
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
-        _require_columns(path, set(reader.fieldnames or ()), required)
+        try:
+            fieldnames = reader.fieldnames
+        except UnicodeDecodeError:
+            raise SourceError(f"{path}:1: not UTF-8 text; convert the file to UTF-8") from None
+        _require_columns(path, set(fieldnames or ()), required)
         try:
             for record in reader:
                 yield {k: (v if v != "" else None) if k == "label" else v for k, v in record.items()}
         except csv.Error as e:
             raise SourceError(f"{path}:{reader.line_num}: cannot parse CSV ({e})") from e
+        except UnicodeDecodeError:
+            raise SourceError(f"{path}:{reader.line_num + 1}: not UTF-8 text; convert the file to UTF-8") from None
 
 
 def _parquet_records(path: Path) -> Iterator[Mapping[str, Any]]:
