@@ -13,12 +13,15 @@ sample, rank, train, eval, embed, retention, gates, cluster), ``preset`` (train 
 mapping per section, ``model`` (the policy's model), ``adapter`` (for evaluate- or embed-only runs),
 ``source`` (a corpus file to embed: sets ``corpus.source``, which turns the embed stage on), ``dataset``
 (name of the versioned dataset) and ``root`` (the store folder, relative to the working directory).
-The library validates them before any stage runs. The stage sequence, the content keys and the
+The library validates them before any stage runs, and every parameter or config field that names a
+local path must lie under the worker's allowed folders (``SEMPA_ALLOWED_PATHS``; by default the
+working directory and ``../shared``). The stage sequence, the content keys and the
 folder layout are the library's (``sempa_train.plan``); this module only says how a step runs.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +33,29 @@ from sempa_train.core.store import Store
 from sempa_train.plan import DATA_STAGES, STAGE_NAMES, RunConfig, execute
 
 Stage = Literal[STAGE_NAMES]  # type: ignore[valid-type] - the plan's stage names, for Prefect's parameter schema
+
+
+def allowed_roots() -> list[Path] | None:
+    """Where a flow run may read and write: ``$SEMPA_ALLOWED_PATHS`` (folders separated by ``:``; ``*``: anywhere),
+    else the working directory (the project, where the worker runs) and ``../shared`` beside it."""
+    value = os.environ.get("SEMPA_ALLOWED_PATHS")
+    if value == "*":
+        return None
+    folders = value.split(":") if value else [".", "../shared"]
+    return [Path(folder).expanduser().resolve() for folder in folders if folder]
+
+
+def check_allowed_paths(paths: dict[str, Path]) -> None:
+    """Refuse, before any stage runs, a parameter that names a path outside ``allowed_roots()``: on a shared server
+    another user's run must not read or write the worker's other files."""
+    roots = allowed_roots()
+    if roots is None:
+        return
+    for name, path in paths.items():
+        resolved = path.expanduser().resolve()
+        if not any(resolved.is_relative_to(root) for root in roots):
+            raise ValueError(f"{name} = {path} lies outside the folders this worker may use "
+                             f"({', '.join(map(str, roots))}); set SEMPA_ALLOWED_PATHS on the worker to allow it")
 
 
 @flow(name="sempa", log_prints=True)
@@ -59,6 +85,8 @@ def sempa(
                 "embed": embed, "retention": retention, "gates": gates, "cluster": cluster,
                 "corpus": {**(corpus or {}), **({"source": source} if source else {})}}
     cfg = RunConfig.build(config, preset=preset, overrides={k: v for k, v in sections.items() if v}, model=model)
+    check_allowed_paths({**cfg.local_paths(), "root": Path(root), **({"adapter": Path(adapter)} if adapter else {}),
+                         **({"config": Path(config)} if config else {})})
     store = Store(root)
     store.dataset_dir(dataset)  # a bad dataset name fails here, before any stage runs
     given = {"adapter": Path(adapter)} if adapter else {}

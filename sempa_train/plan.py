@@ -63,6 +63,19 @@ POLICY_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Fields that may name local files or folders (checked by RunConfig.local_paths).
+PATH_FIELDS: dict[str, tuple[str, ...]] = {
+    "policy": ("model",),
+    "prepare": ("source",),
+    "rank": ("contamination_dir", "scorer_model"),
+    "train": ("eval_senteval_dir", "eval_text_file"),
+    "eval": ("senteval_dir",),
+    "retention": ("text_file",),
+    "corpus": ("source",),
+    "cluster": ("tls_ca_file", "tls_cert", "tls_key"),
+}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The configs of every stage of a run; a YAML file has one section per stage (``SECTIONS``; ``train``
@@ -142,6 +155,18 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {section: getattr(self, section).to_dict() for section in SECTIONS}
+
+    def local_paths(self) -> dict[str, Path]:
+        """Every field that names a local file or folder (``SECTION.FIELD`` → path): what a runner that serves other
+        users checks before it reads or writes anything. Model names and Hub ids are not paths unless they exist
+        here or start with ``/``, ``.`` or ``~``."""
+        out: dict[str, Path] = {}
+        for section, names in PATH_FIELDS.items():
+            for name in names:
+                value = getattr(getattr(self, section), name)
+                if value and (Path(str(value)).expanduser().exists() or str(value).startswith(("/", ".", "~"))):
+                    out[f"{section}.{name}"] = Path(str(value)).expanduser()
+        return out
 
 
 def merge_sections(*layers: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

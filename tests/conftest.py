@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a failing hub lookup would other
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Cached results (reference log-probs, base-model evaluations) go to a folder of this test session alone.
 os.environ["SEMPA_CACHE_DIR"] = tempfile.mkdtemp(prefix="sempa-test-cache-")
+# Flow runs in tests read and write pytest's temporary folders: allow any path (test_pipelines checks the guard).
+os.environ["SEMPA_ALLOWED_PATHS"] = "*"
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -136,6 +136,18 @@ def test_bad_parameters_fail_before_any_stage(prefect_harness, tmp_path):
     assert not (tmp_path / "stages").exists()
 
 
+def test_paths_outside_the_allowed_folders_are_refused_before_any_stage(prefect_harness, tmp_path, monkeypatch):
+    from pipelines.flows import sempa
+
+    monkeypatch.setenv("SEMPA_ALLOWED_PATHS", str(tmp_path / "mine"))
+    for params in ({"root": "/etc/sempa"}, {"root": str(tmp_path / "mine"), "prepare": {"source": "/etc/passwd"}},
+                   {"root": str(tmp_path / "mine"), "stages": ["embed"], "source": str(tmp_path / "other.txt")}):
+        state = sempa(**params, return_state=True)
+        assert state.is_failed() and "lies outside the folders this worker may use" in str(
+            state.result(raise_on_failure=False)), params
+    assert not (tmp_path / "mine").exists()
+
+
 def test_task_logic_through_fn(prefect_harness, tmp_path):
     from pipelines.tasks import stage_task
     from sempa_train.core.config import PrepareConfig
