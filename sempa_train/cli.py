@@ -193,6 +193,18 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the saved weights (default float32)")
     _common(p)
+    p = sub.add_parser("judge", help="build the offline NLI judge (sempa-nli-minilm) that rank --judge uses",
+                       description="Fine-tune a sentence-transformers CrossEncoder from the shipped all-MiniLM-L6-v2 "
+                       "weights on SICK train (entailment / neutral / contradiction) and cache it as a model folder "
+                       "named sempa-nli-minilm; with --snli-test, write its accuracy there into judge.json. It never "
+                       "sees SNLI, whose dev premises experiments judge.")
+    p.add_argument("action", choices=("build",))
+    p.add_argument("--sick", type=Path, default=Path("../shared/data/senteval/SICK/SICK_train.txt"),
+                   help="SICK train file (default ../shared/data/senteval/SICK/SICK_train.txt)")
+    p.add_argument("--snli-test", type=Path, help="SNLI test JSONL to report accuracy on")
+    p.add_argument("--out", type=Path, help="model folder (default: $SEMPA_CACHE_DIR/models/sempa-nli-minilm)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    _common(p)
     if extend is not None:
         extend(sub)
     return parser
@@ -311,6 +323,15 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"merged model: {out}")
 
 
+def _cmd_judge(args: argparse.Namespace) -> None:
+    from sempa_train.stages.judge import build_judge, judge_folder
+
+    record = build_judge(args.sick, args.out, epochs=args.epochs, snli_test=args.snli_test, overwrite=args.overwrite)
+    print(f"judge: {args.out or judge_folder()} (trained on {record['train']['pairs']:,} SICK pairs)")
+    if "snli_test" in record:
+        print(f"SNLI test accuracy: {record['snli_test']['accuracy']:.4f} ({record['snli_test']['pairs']:,} pairs)")
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from datetime import UTC, datetime
 
@@ -350,7 +371,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "sample": _cmd_sample, "rank": _cmd_rank,
             "inspect": _cmd_inspect, "train": _cmd_train, "eval": _cmd_eval,
             "report": _cmd_report, "experiment": _cmd_experiment, "embed": _cmd_embed, "search": _cmd_search,
-            "export": _cmd_export}
+            "export": _cmd_export, "judge": _cmd_judge}
 
 
 def main(argv: Sequence[str] | None = None, *, extend: Callable[[Any], None] | None = None,

@@ -67,7 +67,7 @@ POLICY_FIELDS: dict[str, tuple[str, ...]] = {
 PATH_FIELDS: dict[str, tuple[str, ...]] = {
     "policy": ("model",),
     "prepare": ("source",),
-    "rank": ("contamination_dir", "scorer_model"),
+    "rank": ("contamination_dir", "scorer_model", "judge"),
     "train": ("eval_senteval_dir", "eval_text_file"),
     "eval": ("senteval_dir",),
     "retention": ("text_file",),

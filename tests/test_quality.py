@@ -120,3 +120,45 @@ def test_the_card_has_a_quality_section(tmp_path):
     assert quality["candidate_not_english (share of checked candidates)"] == pytest.approx(1 / 3, abs=1e-3)
     assert quality["chosen score, 50% quantile"] in (0.7, 0.9)
     assert "## Quality" in (tmp_path / "prefs" / "README.md").read_text()
+
+
+class TableJudge:
+    """Stands in for the NLI judge: fixed entailment probabilities per (premise, hypothesis)."""
+
+    def __init__(self, entailment: dict[tuple[str, str], float]):
+        self.entailment = entailment
+
+    def probabilities(self, pairs):
+        p = np.array([self.entailment.get(pair, 0.9) for pair in pairs])
+        return np.stack([p, (1 - p) / 2, (1 - p) / 2], axis=1)
+
+
+def test_the_judge_drops_a_negated_meaning_in_either_direction():
+    from sempa_train.stages.judge import JudgeCheck
+
+    negated, narrower = "A man is not playing a guitar on stage.", "A man plays."
+    judge = TableJudge({(P1, negated): 0.02, (narrower, P1): 0.1})  # the premise does not follow from "A man plays."
+    assert JudgeCheck(judge).failing([P1] * 3, [negated, narrower, "A guitarist plays on stage."]) == \
+        [True, True, False]
+
+
+def test_a_missing_judge_says_how_to_build_it_and_a_built_one_is_reused(tmp_path, monkeypatch):
+    from sempa_train.stages.judge import JUDGE_NAME, NLIJudge, build_judge, judge_folder, resolve_judge
+
+    monkeypatch.setenv("SEMPA_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match=r"sempa-nli-minilm.*is not built.*sempa judge build --sick"):
+        resolve_judge(JUDGE_NAME)
+    sick = tmp_path / "SICK_train.txt"
+    rows = [("A man plays a guitar.", "A man plays an instrument.", "ENTAILMENT"),
+            ("A man plays a guitar.", "A woman sleeps.", "CONTRADICTION"),
+            ("A dog runs.", "A dog runs in a park.", "NEUTRAL")] * 6
+    sick.write_text("pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n"
+                    + "".join(f"{i}\t{a}\t{b}\t3.0\t{label}\n" for i, (a, b, label) in enumerate(rows)))
+    record = build_judge(sick, epochs=1, batch_size=8)
+    assert record["train"]["pairs"] == 18 and "SICK train only" in record["split"]
+    folder = judge_folder()
+    assert resolve_judge(JUDGE_NAME) == folder and (folder / "judge.json").is_file()
+    probs = NLIJudge.load(JUDGE_NAME).probabilities([("A man plays a guitar.", "A man plays an instrument.")])
+    assert probs.shape == (1, 3) and probs.sum() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        build_judge(sick, epochs=1)

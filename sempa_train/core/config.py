@@ -556,6 +556,10 @@ class RankConfig(StageConfig):
     min_chosen_score: float | None = option(None, "drop a sampled pair whose chosen candidate scores below this "
                                             "(0.5 for the embedding scorer: meta-answers score <= 0.06, 95 percent of "
                                             "chosen candidates >= 0.67); None: no floor")
+    judge: str | None = option(None, "NLI judge (sempa-nli-minilm, built by `sempa judge build`, or a folder): "
+                               "drop sampled candidates it does not find entailed by the premise and entailing it; "
+                               "None: no check")
+    min_entailment: float = option(0.5, "the judge's entailment probability a candidate needs in each direction")
     model: str = option("smollm2-135m-instruct", "the policy (set by the policy section): the fluency check's model")
     chat_template: str = option("auto", "the policy's chat template mode (set by the policy section)",
                                 choices=CHAT_MODES)

@@ -11,9 +11,10 @@ Strategies
 Candidate filters (each counted in the dataset card): empty after cleaning, truncated (hit
 max_tokens), copy of the premise (after normalisation), length ratio outside bounds, duplicate of an
 earlier candidate; then the absolute checks of ``sempa_train.stages.quality`` that the config turns on
-(another language, disfluent). Pair filters: a chosen candidate below ``min_chosen_score``
-(``chosen_below_floor``; a hybrid premise then falls back to gold); score margin below ``min_margin``;
-contamination (premise, chosen or rejected appears in a configured evaluation set).
+(another language, disfluent, not entailed both ways by the NLI judge of ``stages/judge.py``). Pair
+filters: a chosen candidate below ``min_chosen_score`` (``chosen_below_floor``; a hybrid premise then
+falls back to gold); score margin below ``min_margin``; contamination (premise, chosen or rejected
+appears in a configured evaluation set).
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ def quality_measures(ranked: Ranked) -> dict[str, Any]:
     return out
 
 
-CHECK_REASONS = ("candidate_not_english", "candidate_disfluent")
+CHECK_REASONS = ("candidate_not_english", "candidate_disfluent", "candidate_not_entailed")
 
 
 def build_checks(cfg: RankConfig) -> list[CandidateCheck]:
@@ -254,6 +255,10 @@ def build_checks(cfg: RankConfig) -> list[CandidateCheck]:
     if cfg.min_fluency is not None:
         checks.append(FluencyCheck.load(cfg.model, template=cfg.template, min_logprob=cfg.min_fluency,
                                         chat_template=cfg.chat_template))
+    if cfg.judge is not None:
+        from sempa_train.stages.judge import JudgeCheck, NLIJudge
+
+        checks.append(JudgeCheck(NLIJudge.load(cfg.judge), cfg.min_entailment))
     return checks
 
 

