@@ -23,6 +23,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from sempa_train.core.config import is_loopback
+
 POOL = "sempa-local"
 SCHEDULED = ("sempa/refresh",)  # deployments of flows.yaml with a schedule (daily at 03:00 UTC)
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -49,7 +51,7 @@ class LocalPrefect:
     auth_string_file: Path | None = None
 
     def __post_init__(self) -> None:
-        if not _is_loopback(self.host) and self.auth_string_file is None:
+        if not is_loopback(self.host) and self.auth_string_file is None:
             raise PrefectUnavailableError(
                 f"refusing to start a Prefect server on {self.host} without authentication: anyone who reaches it "
                 "can run any deployment with any parameters. Pass --auth-string-file FILE (a file holding "
@@ -189,17 +191,6 @@ class LocalPrefect:
         for key, value in (params or {}).items():
             args += ["--param", f"{key}={json.dumps(value)}"]
         return subprocess.run([sys.executable, "-m", "prefect", *args], cwd=PROJECT_DIR, env=self.env()).returncode
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _alive(pid: int | None) -> bool:

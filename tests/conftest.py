@@ -47,3 +47,18 @@ def sample_prefs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def kill_after_shards(args: list[str], work: Path, shards: int = 2, timeout: float = 120.0) -> int:
+    """Run the command ``args``, SIGKILL it once ``shards`` shard files are in ``work``; the finished shards."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(list(work.glob("shard-*.parquet"))) < shards and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(list(work.glob("shard-*.parquet")))

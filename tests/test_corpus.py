@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
-from conftest import SAMPLE_NLI, write_jsonl
+from conftest import SAMPLE_NLI, kill_after_shards, write_jsonl
 
 from sempa_train.core.config import CorpusConfig, EmbedConfig
 from sempa_train.core.shards import work_dir_for
@@ -125,14 +123,8 @@ def test_kill_9_midway_then_resume_gives_the_same_table(tiny_model_dir, corpus_t
     args = [sys.executable, "-m", "sempa_train.cli", "embed", str(corpus_txt), "--out", str(out),
             "--model", str(tiny_model_dir), "--dtype", "float32", "--batch-size", "1", "--shard-size", "4"]
     work = work_dir_for(out)
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(work.glob("shard-*.parquet"))) < 2 and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    finished = kill_after_shards(args, work)
     shards = -(-len(corpus_lines()) // 4)
-    finished = len(list(work.glob("shard-*.parquet")))
     assert 0 < finished < shards, "the run should have been killed halfway"
 
     rerun = subprocess.run([*args, "-v"], capture_output=True, text=True)

@@ -1,11 +1,10 @@
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import polars as pl
 import pytest
+from conftest import kill_after_shards
 
 from sempa_train.core.config import PrepareConfig, SampleConfig
 from sempa_train.core.io import read_dataset
@@ -182,18 +181,12 @@ def test_kill_9_midway_then_resume(tiny_model_dir, tiny_triples, tmp_path):
             "--model", str(tiny_model_dir), "--backend", "transformers", "--n", "2", "--max-tokens", "48",
             "--shard-size", "2", "--batch-size", "1", "--dtype", "float32"]
     work = work_dir_for(out)
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(work.glob("shard-*.parquet"))) < 2 and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finished = sorted(p.name for p in work.glob("shard-*.parquet"))
-    assert 0 < len(finished) < 32, "the run should have been killed halfway"
+    finished = kill_after_shards(args, work)
+    assert 0 < finished < 32, "the run should have been killed halfway"
 
     result = subprocess.run(args, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert f"resuming, {len(finished)} of 32 shards already done" in result.stderr
+    assert f"resuming, {finished} of 32 shards already done" in result.stderr
     table = pl.read_parquet(out / "data.parquet")
     uninterrupted = sample_candidates(
         SampleConfig(model=str(tiny_model_dir), backend="transformers", n=2, max_tokens=48, shard_size=2,

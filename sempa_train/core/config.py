@@ -621,8 +621,8 @@ class GateConfig(StageConfig):
             _check_positive("max_perplexity_ratio", self.max_perplexity_ratio)
 
 
-def _is_loopback(host: str) -> bool:
-    """True for localhost and loopback IP addresses."""
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback IP addresses (where only this machine's users connect)."""
     import ipaddress
 
     if host == "localhost":
@@ -672,7 +672,7 @@ class ClusterConfig(StageConfig):
             host = rest.rsplit(":", 1)[0].strip("[]") if rest else ""
             if scheme == "tls" and not all(tls):
                 raise ValueError(f"cluster address {self.address} is TLS: give tls_ca_file, tls_cert and tls_key")
-            if scheme != "tls" and not _is_loopback(host) and not self.insecure:
+            if scheme != "tls" and not is_loopback(host) and not self.insecure:
                 raise ValueError(f"cluster address {self.address} is a plain connection to a non-loopback host: "
                                  "anyone who can reach it can run code on the workers. Use tls:// with "
                                  "certificates (docs/SECURITY.md), or set cluster.insecure: true on a network "
