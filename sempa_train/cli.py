@@ -195,13 +195,19 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     _common(p)
     p = sub.add_parser("judge", help="build the offline NLI judge (sempa-nli-minilm) that rank --judge uses",
                        description="Fine-tune a sentence-transformers CrossEncoder from the shipped all-MiniLM-L6-v2 "
-                       "weights on SICK train (entailment / neutral / contradiction) and cache it as a model folder "
-                       "named sempa-nli-minilm; with --snli-test, write its accuracy there into judge.json. It never "
-                       "sees SNLI, whose dev premises experiments judge.")
+                       "weights on SICK train (entailment / neutral / contradiction), and with --snli-dev on the SNLI "
+                       "dev pairs whose premises are not in the --exclude triples (the experiments it will judge), "
+                       "and cache it as a model folder named sempa-nli-minilm; with --snli-test, write its accuracy "
+                       "there into judge.json.")
     p.add_argument("action", choices=("build",))
     p.add_argument("--sick", type=Path, default=Path("../shared/data/senteval/SICK/SICK_train.txt"),
                    help="SICK train file (default ../shared/data/senteval/SICK/SICK_train.txt)")
     p.add_argument("--snli-test", type=Path, help="SNLI test JSONL to report accuracy on")
+    p.add_argument("--snli-dev", type=Path, help="also train on the pairs of this SNLI dev JSONL whose premise is "
+                   "in none of the --exclude triples")
+    p.add_argument("--exclude", type=Path, action="append", default=[], metavar="TRIPLES",
+                   help="triples dataset of an experiment the judge will judge: its premises are left out "
+                   "(repeatable)")
     p.add_argument("--out", type=Path, help="model folder (default: $SEMPA_CACHE_DIR/models/sempa-nli-minilm)")
     p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
     _common(p)
@@ -326,8 +332,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_judge(args: argparse.Namespace) -> None:
     from sempa_train.stages.judge import build_judge, judge_folder
 
-    record = build_judge(args.sick, args.out, epochs=args.epochs, snli_test=args.snli_test, overwrite=args.overwrite)
-    print(f"judge: {args.out or judge_folder()} (trained on {record['train']['pairs']:,} SICK pairs)")
+    record = build_judge(args.sick, args.out, epochs=args.epochs, snli_test=args.snli_test, snli_dev=args.snli_dev,
+                         exclude=args.exclude, overwrite=args.overwrite)
+    print(f"judge: {args.out or judge_folder()} (trained on {record['train']['pairs']:,} pairs: {record['split']})")
     if "snli_test" in record:
         print(f"SNLI test accuracy: {record['snli_test']['accuracy']:.4f} ({record['snli_test']['pairs']:,} pairs)")
 

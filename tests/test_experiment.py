@@ -146,4 +146,4 @@ grid: {{eval.adapter_scale: [1.0, 0.0]}}
     assert len(list((out / "stages" / "train").iterdir())) == 1  # one training, two evaluations
     zero = Evaluation.load(out / "adapter_scale=0.0" / "eval")
     assert zero.sts["STSBenchmark"] == pytest.approx(zero.sts_base["STSBenchmark"], abs=1e-6)  # scale 0: the base
-    assert (out / "adapter_scale=0.0" / "eval" / "adapter-x0").is_dir()
+    assert "x0 |" in (out / "adapter_scale=0.0" / "eval" / "adapter" / "README.md").read_text()  # the kept adapter

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
+from conftest import write_jsonl
 from test_ranking import P1, P2, TableScorer, candidates_df, triples_df
 
 from sempa_train.core.config import RankConfig
@@ -162,3 +164,16 @@ def test_a_missing_judge_says_how_to_build_it_and_a_built_one_is_reused(tmp_path
     assert probs.shape == (1, 3) and probs.sum() == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(FileExistsError, match="--overwrite"):
         build_judge(sick, epochs=1)
+
+    # SNLI-dev pairs join the training data, except those of the premises an experiment will judge
+    from sempa_train.core.io import write_dataset
+
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"premise": P1, "hypothesis": "A man plays music.", "label": 0},
+                                                {"premise": P2, "hypothesis": "Dogs are outside.", "label": 0},
+                                                {"premise": P2, "hypothesis": "Cats sit inside.", "label": 2}])
+    write_dataset(tmp_path / "triples", triples_df().filter(pl.col("premise") == P2), kind="triples", config={},
+                  source="x")
+    record = build_judge(sick, tmp_path / "judge2", epochs=1, batch_size=8, snli_dev=dev,
+                         exclude=[tmp_path / "triples"])
+    assert record["train"]["pairs"] == 19 and record["train"]["snli_dev"]["pairs"] == 1
+    assert "outside 1 excluded premises" in record["split"]
