@@ -114,3 +114,28 @@ def test_sample_on_a_tls_cluster_with_lab_certificates(prefect_harness, tiny_mod
         assert result.counts["shards"] == 2 and result.counts["candidates"] == 18
         with pytest.raises(Exception):  # noqa: B017, PT011 - refused at the TLS handshake, or times out
             Client(address.replace("tls://", "tcp://"), timeout=3)
+
+
+def test_embed_shards_on_a_local_dask_cluster(prefect_harness, tiny_model_dir, tmp_path):  # noqa: F811
+    """The embed stage's shards run on Dask worker processes (the job is pickled, each worker builds its encoder
+    once) and give the table a single process writes."""
+    import numpy as np
+    from distributed import LocalCluster
+
+    from pipelines.scale import cluster_shard_runner
+    from sempa_train.core.config import CorpusConfig, EmbedConfig
+    from sempa_train.stages.corpus import embed_corpus
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Sentence number {i} is about a dog in a park." for i in range(30)) + "\n")
+    kwargs = {"model": str(tiny_model_dir), "embed": EmbedConfig(dtype="float32", batch_size=8),
+              "corpus": CorpusConfig(shard_size=10), "show_progress": False}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        runner = cluster_shard_runner(ClusterConfig(address=cluster.scheduler_address))
+        on_dask = embed_corpus(corpus, tmp_path / "dask", shard_runner=runner, **kwargs)
+    single = embed_corpus(corpus, tmp_path / "single", **kwargs)
+    assert on_dask.counts["shards"] == 3
+    a, b = (pl.read_parquet(r.out_dir / "data.parquet") for r in (on_dask, single))
+    assert a["id"].to_list() == b["id"].to_list()
+    np.testing.assert_allclose(a["vector"].to_numpy(), b["vector"].to_numpy(), atol=1e-5)
