@@ -7,6 +7,8 @@
 #                                       -> tests/benchmarks/results/scale_out-TAG.json
 # 3. the strategy experiment at a larger budget (sampling, DPO training in bf16, evaluation on the GPU)
 #                                       -> outputs/experiments/smollm2-strategies-gpu/results.md
+# 4. sempa embed of 20k SNLI sentences, transformers against vLLM's pooling runner (their agreement too)
+#                                       -> tests/benchmarks/results/embed_corpus_throughput-TAG.json
 # SEMPA overrides the command that runs the CLI (default: sempa). Exits non-zero if any step failed;
 # the other steps still run.
 set -u -o pipefail
@@ -20,4 +22,5 @@ python3 -c "import vllm" 2>/dev/null || { backends=transformers; echo "vLLM is n
 python3 "$here/sample_throughput.py" --backends "$backends" --sizes 16,512 --batch-size 64 --tag "$tag" || status=1
 python3 "$here/scale_out.py" --workers 0 --tag "$tag" || status=1
 $sempa experiment sempa_train/configs/experiments/smollm2_strategies_gpu.yaml -v || status=1
+python3 "$here/embed_corpus_throughput.py" --backends "$backends" --sentences 20000 --tag "$tag" || status=1
 exit $status
