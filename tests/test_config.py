@@ -86,7 +86,9 @@ def test_a_plain_cluster_address_off_loopback_is_refused_unless_insecure():
         ClusterConfig(address="tcp://10.0.0.5:8786")
     with pytest.raises(ValueError, match="plain connection"):
         ClusterConfig(address="tcp://0.0.0.0:8786")
-    for ok in ("tcp://127.0.0.1:8786", "tcp://localhost:8786", "tcp://[::1]:8786"):
+    with pytest.raises(ValueError, match="plain connection"):
+        ClusterConfig(address="10.0.0.5:8786")  # no scheme: Dask's default, tcp
+    for ok in ("tcp://127.0.0.1:8786", "tcp://localhost:8786", "tcp://[::1]:8786", "127.0.0.1:8786"):
         assert ClusterConfig(address=ok).security is None
     assert ClusterConfig(address="tcp://10.0.0.5:8786", insecure=True).enabled
     with pytest.raises(ValueError, match="is TLS: give tls_ca_file"):

@@ -668,8 +668,8 @@ class ClusterConfig(StageConfig):
         if any(tls) and not all(tls):
             raise ValueError("TLS needs all of tls_ca_file, tls_cert and tls_key")
         if self.address:
-            scheme, _, rest = self.address.partition("://")
-            host = rest.rsplit(":", 1)[0].strip("[]") if rest else ""
+            scheme, _, rest = self.address.partition("://") if "://" in self.address else ("tcp", "", self.address)
+            host = rest.rsplit(":", 1)[0].strip("[]")
             if scheme == "tls" and not all(tls):
                 raise ValueError(f"cluster address {self.address} is TLS: give tls_ca_file, tls_cert and tls_key")
             if scheme != "tls" and not is_loopback(host) and not self.insecure:
