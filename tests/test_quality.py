@@ -122,6 +122,8 @@ def test_the_card_has_a_quality_section(tmp_path):
     assert quality["candidate_not_english (share of checked candidates)"] == pytest.approx(1 / 3, abs=1e-3)
     assert quality["chosen score, 50% quantile"] in (0.7, 0.9)
     assert "## Quality" in (tmp_path / "prefs" / "README.md").read_text()
+    assert (tmp_path / "prefs" / "quality.png").stat().st_size > 0
+    assert "![quality.png](quality.png)" in (tmp_path / "prefs" / "README.md").read_text()
 
 
 class TableJudge:

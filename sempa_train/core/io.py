@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -277,10 +277,11 @@ def write_dataset(
     overwrite: bool = False,
     schema: pl.Schema | None = None,
     quality: Mapping[str, Any] | None = None,
+    attachments: Mapping[str, Callable[[Path], None]] | None = None,
 ) -> dict[str, Any]:
     """Write ``df`` as a dataset folder at ``out_dir`` atomically and return its manifest (``schema``: for kinds
     whose schema has a parameter, e.g. the vector size of ``embeddings``; ``quality``: measures for the card's
-    quality section)."""
+    quality section; ``attachments``: file name → a function that writes it, e.g. a plot the card shows)."""
     with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
         write_parquet(df, tmp / DATA_FILE, schema or schema_for(kind))
         manifest = {
@@ -296,7 +297,10 @@ def write_dataset(
             "created_at": now_iso(),
             "description": description,
             **({"quality": dict(quality)} if quality else {}),
+            **({"attachments": sorted(attachments)} if attachments else {}),
         }
+        for name, write in (attachments or {}).items():
+            write(tmp / name)
         write_json(tmp / MANIFEST_FILE, manifest)
         write_json(tmp / CONFIG_FILE, dict(config))
         write_text(tmp / CARD_FILE, render_card(manifest, df))
@@ -338,6 +342,7 @@ def render_card(manifest: Mapping[str, Any], df: pl.DataFrame) -> str:
         lines += ["", "## Counts", "", *_markdown_table(manifest["counts"], "what", "count")]
     if manifest.get("quality"):
         lines += ["", "## Quality", "", *_markdown_table(manifest["quality"], "measure", "value")]
+        lines += [f"\n![{name}]({name})" for name in manifest.get("attachments", []) if name.endswith(".png")]
     lines += ["", "## Dropped, by reason", ""]
     if manifest.get("drops"):
         lines += _markdown_table(manifest["drops"], "reason", "count")

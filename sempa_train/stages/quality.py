@@ -25,6 +25,7 @@ import functools
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -146,3 +147,28 @@ def apply_checks(checks: Sequence[CandidateCheck], premises: Sequence[str],
             if bad:
                 reasons[i] = check.reason
     return reasons
+
+
+def plot_quality(scores: Sequence[float], drops: dict[str, int], path: Path, *, floor: float | None = None) -> None:
+    """The card's quality plot: the score distribution of the sampled chosen answers (with the floor) and the
+    drops by reason."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.hist(list(scores), bins=30, color="tab:blue")
+    if floor is not None:
+        left.axvline(floor, color="tab:red", linestyle="--", label=f"floor {floor:g}")
+        left.legend(loc="upper left")
+    left.set_xlabel("chosen answer's score")
+    left.set_ylabel("pairs")
+    left.set_title(f"sampled chosen answers ({len(scores):,})")
+    reasons = sorted(drops, key=drops.get)
+    right.barh(reasons, [drops[r] for r in reasons], color="tab:grey")
+    right.set_xlabel("dropped")
+    right.set_title("drops by reason")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -19,6 +19,7 @@ appears in a configured evaluation set).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections import Counter
@@ -35,7 +36,7 @@ from sempa_train.core.schemas import PREFERENCE_SCHEMA
 from sempa_train.core.templates import resolve_template
 from sempa_train.core.text import normalize_text
 from sempa_train.stages.preferences import gold_row, preference_row
-from sempa_train.stages.quality import CandidateCheck, FluencyCheck, LanguageCheck, apply_checks
+from sempa_train.stages.quality import CandidateCheck, FluencyCheck, LanguageCheck, apply_checks, plot_quality
 from sempa_train.stages.scoring import Scorer
 
 log = logging.getLogger(__name__)
@@ -319,8 +320,11 @@ def rank(
         raise ValueError(f"rank: no preference pair survived (dropped: {ranked.drops}); nothing written")
     parents = {name: read_manifest(path).get("data_sha256", "")
                for name, path in (("triples_sha256", triples), ("candidates_sha256", candidates)) if path is not None}
+    sampled_scores = ranked.table.filter(pl.col("chosen_origin") == "sampled")["chosen_score"].drop_nulls()
+    plot = {"quality.png": functools.partial(plot_quality, sampled_scores.to_list(), ranked.drops,
+                                             floor=cfg.min_chosen_score)} if sampled_scores.len() else {}
     write_dataset(
-        out_dir, ranked.table, kind="preferences", quality=quality_measures(ranked),
+        out_dir, ranked.table, kind="preferences", quality=quality_measures(ranked), attachments=plot,
         config={**cfg.to_dict(), "scorer_used": getattr(scorer, "name", None)},
         source=str(candidates or triples), counts=ranked.counts, drops=ranked.drops, parents=parents,
         overwrite=overwrite,
