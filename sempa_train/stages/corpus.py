@@ -185,8 +185,9 @@ def embed_corpus(
     distinct = list(dict.fromkeys(texts))
     counts.update(texts=len(texts), distinct=len(distinct), duplicates=len(texts) - len(distinct))
     job = EmbedJob(str(model), None if adapter is None else str(adapter), embed, corpus.normalize)
+    fingerprint = job.fingerprint()  # hashes the adapter's weights once
     plan = open_shards(out_dir, [text_id(t) for t in distinct], distinct, corpus.shard_size,
-                       {**job.fingerprint(), "corpus": corpus.to_dict()})
+                       {**fingerprint, "corpus": corpus.to_dict()})
     if plan.n_shards - len(plan.pending()):
         log.info("embed: resuming, %d of %d shards already done in %s", plan.n_shards - len(plan.pending()),
                  plan.n_shards, plan.work_dir)
@@ -205,16 +206,15 @@ def embed_corpus(
     missing = plan.pending()
     if missing:
         raise RuntimeError(f"embed: shards {missing[:5]} were not produced; run again to resume")
-    return _assemble(job, plan, source, out_dir, counts, corpus, overwrite=overwrite)
+    return _assemble(job, fingerprint["adapter_sha256"], plan, source, out_dir, counts, corpus, overwrite=overwrite)
 
 
-def _assemble(job: EmbedJob, plan: ShardPlan, source: Path, out_dir: Path, counts: dict[str, int],
-              corpus: CorpusConfig, *, overwrite: bool) -> EmbedResult:
-    first = pl.read_parquet(plan.shard_path(0))
-    schema = embeddings_schema(first.schema["vector"].size)  # type: ignore[union-attr]
+def _assemble(job: EmbedJob, adapter_hash: str | None, plan: ShardPlan, source: Path, out_dir: Path,
+              counts: dict[str, int], corpus: CorpusConfig, *, overwrite: bool) -> EmbedResult:
+    dim = pl.read_parquet_schema(plan.shard_path(0))["vector"].size  # type: ignore[union-attr]
+    schema = embeddings_schema(dim)
     table = pl.concat([read_parquet(plan.shard_path(i), schema) for i in range(plan.n_shards)])
-    dim = schema["vector"].size  # type: ignore[union-attr]
-    config = {"model": job.model, "adapter": job.adapter, "adapter_sha256": adapter_sha256(job.adapter),
+    config = {"model": job.model, "adapter": job.adapter, "adapter_sha256": adapter_hash,
               "embed": job.embed.to_dict(), "corpus": corpus.to_dict(), "normalize": job.normalize, "dim": dim}
     counts = {**counts, "shards": plan.n_shards, "dim": dim}
     write_dataset(out_dir, table, kind="embeddings", schema=schema, config=config, source=str(source),

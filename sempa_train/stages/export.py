@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from sempa_train.core.io import atomic_dir, read_json, write_json, write_text
-from sempa_train.core.models import PROMPTEOL_SETTINGS_KEY, adapter_sha256, cache_dir, load_causal_lm
+from sempa_train.core.models import PROMPTEOL_SETTINGS_KEY, adapter_sha256, cache_dir, load_causal_lm, resolve_dtype
 from sempa_train.core.templates import PROMPTEOL_TEMPLATE
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # what the merged weights may be saved as
 
 
 def export_merged(model: str, adapter: Path | str | None, out_dir: Path | str, *, dtype: str = "float32",
@@ -35,7 +35,7 @@ def export_merged(model: str, adapter: Path | str | None, out_dir: Path | str, *
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
-    lm, tokenizer = load_causal_lm(model, adapter=adapter, dtype=DTYPES[dtype])
+    lm, tokenizer = load_causal_lm(model, adapter=adapter, dtype=resolve_dtype(dtype, torch.device("cpu")))
     settings = {"template": PROMPTEOL_TEMPLATE, "layer": layer, "pooling": "last", "normalize": False,
                 "base_model": str(model), "adapter": None if adapter is None else str(adapter),
                 "adapter_sha256": adapter_sha256(adapter)}

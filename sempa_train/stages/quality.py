@@ -47,7 +47,7 @@ class CandidateCheck(Protocol):
 
 
 @functools.lru_cache(maxsize=1)
-def _language_identifier() -> Any:
+def language_identifier() -> Any:
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
@@ -72,7 +72,7 @@ class LanguageCheck:
         self.max_foreign_letters = max_foreign_letters
 
     def is_other_language(self, text: str) -> bool:
-        label, confidence = _language_identifier().classify(text)
+        label, confidence = language_identifier().classify(text)
         return (label != self.language and confidence >= self.min_confidence) or \
             foreign_letter_share(text) > self.max_foreign_letters
 

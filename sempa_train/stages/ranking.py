@@ -230,10 +230,14 @@ def _sampled_row(
     )
 
 
-def quality_measures(ranked: Ranked) -> dict[str, Any]:
-    """What the card's quality section shows: the sampled chosen answers' score distribution and the share of
-    checked candidates each absolute check dropped."""
-    sampled = ranked.table.filter(pl.col("chosen_origin") == "sampled")["chosen_score"].drop_nulls()
+def sampled_chosen_scores(table: pl.DataFrame) -> pl.Series:
+    """The scores of the sampled chosen answers of a preference table (gold rows carry no choice to judge)."""
+    return table.filter(pl.col("chosen_origin") == "sampled")["chosen_score"].drop_nulls()
+
+
+def quality_measures(ranked: Ranked, sampled: pl.Series) -> dict[str, Any]:
+    """What the card's quality section shows: the distribution of ``sampled`` (``sampled_chosen_scores``) and the
+    share of checked candidates each absolute check dropped."""
     out: dict[str, Any] = {"sampled chosen answers": sampled.len()}
     if sampled.len():
         for q in (0.01, 0.05, 0.25, 0.5):
@@ -320,11 +324,11 @@ def rank(
         raise ValueError(f"rank: no preference pair survived (dropped: {ranked.drops}); nothing written")
     parents = {name: read_manifest(path).get("data_sha256", "")
                for name, path in (("triples_sha256", triples), ("candidates_sha256", candidates)) if path is not None}
-    sampled_scores = ranked.table.filter(pl.col("chosen_origin") == "sampled")["chosen_score"].drop_nulls()
+    sampled_scores = sampled_chosen_scores(ranked.table)
     plot = {"quality.png": functools.partial(plot_quality, sampled_scores.to_list(), ranked.drops,
                                              floor=cfg.min_chosen_score)} if sampled_scores.len() else {}
     write_dataset(
-        out_dir, ranked.table, kind="preferences", quality=quality_measures(ranked), attachments=plot,
+        out_dir, ranked.table, kind="preferences", quality=quality_measures(ranked, sampled_scores), attachments=plot,
         config={**cfg.to_dict(), "scorer_used": getattr(scorer, "name", None)},
         source=str(candidates or triples), counts=ranked.counts, drops=ranked.drops, parents=parents,
         overwrite=overwrite,

@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 from common import save
 
-from sempa_train.stages.quality import FluencyCheck, LanguageCheck, _language_identifier
+from sempa_train.stages.quality import FluencyCheck, LanguageCheck, language_identifier
 
 # Chosen answers the issue found in a published dataset, with premises of their kind.
 REPORTED = [
@@ -47,7 +47,7 @@ def main() -> None:
     candidates = pl.read_parquet(args.run / "candidates" / "data.parquet").filter(pl.col("text") != "")
     triples = pl.read_parquet(args.run / "data" / "triples" / "data.parquet")
     prefs = pl.read_parquet(args.run / "preferences" / "data.parquet")
-    identifier, language = _language_identifier(), LanguageCheck("en")
+    identifier, language = language_identifier(), LanguageCheck("en")
 
     def english(texts: list[str]) -> dict[str, float]:
         probs = np.array([dict(identifier.rank(t)).get("en", 0.0) for t in texts])
