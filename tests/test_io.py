@@ -106,3 +106,38 @@ def test_dataset_folders_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "ds").stat().st_mode & 0o777 == 0o755
+
+
+def test_replace_dir_never_leaves_a_moment_without_the_folder(tmp_path):
+    """A reader polling the folder while it is replaced 300 times always finds a complete version."""
+    import threading
+
+    from sempa_train.core.io import replace_dir
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "marker").write_text("0")
+    misses: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                (target / "marker").read_text()
+            except OSError as err:
+                misses.append(repr(err))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(1, 301):
+            new = tmp_path / f"new-{i}"
+            new.mkdir()
+            (new / "marker").write_text(str(i))
+            replace_dir(new, target)
+    finally:
+        done.set()
+        reader.join()
+    assert not misses, misses[:3]
+    assert (target / "marker").read_text() == "300"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old versions are gone

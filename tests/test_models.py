@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from sempa_train.core.models import ModelNotFoundError, is_sentence_transformers_folder, resolve_model
 
@@ -62,3 +63,33 @@ def test_a_changed_model_file_or_converted_folder_is_refused(tmp_path):
     models._check_converted.cache_clear()
     with pytest.raises(ModelNotFoundError, match="do not match the hashes recorded when it was converted"):
         models._check_converted(folder)
+
+
+def test_pickled_weights_load_only_when_asked_and_safetensors_win(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    import shutil
+
+    from sempa_train.core.models import ALLOW_PICKLE_ENV, PickledWeightsError, load_causal_lm
+
+    model, _ = load_causal_lm(tiny_model_dir)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")  # the pre-safetensors format
+    assert (pickled / "pytorch_model.bin").is_file() and not list(pickled.glob("*.safetensors"))
+    monkeypatch.delenv(ALLOW_PICKLE_ENV, raising=False)
+    with pytest.raises(PickledWeightsError, match=rf"pickled: its only weights are pickled \(pytorch_model\.bin\).*"
+                                                  rf"{ALLOW_PICKLE_ENV}=1"):
+        load_causal_lm(pickled)
+
+    monkeypatch.setenv(ALLOW_PICKLE_ENV, "1")  # the user asked: loaded, and said so
+    with caplog.at_level("WARNING", logger="sempa_train.core.models"):
+        loaded, _ = load_causal_lm(pickled)
+    assert "loading the pickled pytorch_model.bin" in caplog.text
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+    both = tmp_path / "both"  # safetensors beside a pickle: the pickle is never opened
+    shutil.copytree(tiny_model_dir, both)
+    (both / "pytorch_model.bin").write_bytes(b"not a pickle at all")
+    monkeypatch.delenv(ALLOW_PICKLE_ENV)
+    loaded, _ = load_causal_lm(both)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)

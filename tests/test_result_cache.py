@@ -1,5 +1,6 @@
 """Results of the untuned model are cached by content: the same inputs hit, any change misses."""
 
+import json
 import shutil
 
 import pytest
@@ -65,6 +66,26 @@ def test_base_sts_is_encoded_once(tiny_model_dir, senteval, tmp_path, monkeypatc
         run_sts_eval(str(tiny_model_dir), cfg, EMBED, adapter=tmp_path / "adapter")
     with pytest.raises(AssertionError, match="encoded again"):  # nor a run that turns the cache off
         run_sts_eval(str(tiny_model_dir), cfg.replace(cache_base=False), EMBED)
+
+
+def test_results_json_is_the_commit_point_of_an_evaluation(tiny_model_dir, senteval, tmp_path):
+    """JSON and predictions are two files: the JSON, written last, names the predictions' hash, so predictions left
+    by an interrupted later evaluation are refused instead of being paired with the old numbers."""
+    import polars as pl
+
+    from sempa_train.core.io import IntegrityError, file_sha256, write_parquet
+    from sempa_train.core.schemas import PREDICTIONS_SCHEMA
+    from sempa_train.stages.evaluation import delta_intervals, predictions_path, read_predictions
+
+    out = tmp_path / "base.json"
+    run_sts_eval(str(tiny_model_dir), _cfg(senteval).replace(cache_base=False), EMBED, out=out)
+    recorded = json.loads(out.read_text())["predictions_sha256"]
+    assert recorded == file_sha256(predictions_path(out))
+    assert read_predictions(out).height > 0
+    crashed = read_predictions(out).with_columns(cosine=pl.col("cosine") * 0.5)  # the next run died after this write
+    write_parquet(crashed, predictions_path(out), PREDICTIONS_SCHEMA)
+    with pytest.raises(IntegrityError, match=r"base\.predictions\.parquet does not belong to base\.json"):
+        delta_intervals(out, out)
 
 
 def test_base_retention_is_probed_once(tiny_model_dir, tmp_path, monkeypatch):

@@ -308,14 +308,40 @@ def write_dataset(
 
 
 def replace_dir(new: Path, target: Path) -> None:
-    """Rename folder ``new`` onto ``target``; an old ``target`` is removed only after the rename."""
+    """Put folder ``new`` in place of ``target`` with no moment where ``target`` is missing or partial.
+
+    On Linux both folders are swapped in one step (``renameat2`` with ``RENAME_EXCHANGE``) and the old content
+    is removed afterwards; where the system cannot swap, the old folder is moved aside first (a brief gap)."""
     if not target.exists():
         new.replace(target)
+        return
+    if _exchange(new, target):
+        shutil.rmtree(new, ignore_errors=True)  # ``new`` now holds the old content
         return
     old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     target.replace(old)
     new.replace(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2``); False where the C library or file system cannot."""
+    import ctypes
+    import errno
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def _markdown_table(rows: Mapping[str, Any], key: str, value: str) -> list[str]:

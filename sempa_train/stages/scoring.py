@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sempa_train.core.config import EmbedConfig, RankConfig
-from sempa_train.core.models import resolve_device, resolve_model
+from sempa_train.core.models import resolve_device, resolve_model, weights_kwargs
 from sempa_train.stages.embedding import Encoder, cosine, load_encoder
 
 DEFAULT_SCORER_MODELS = {"embedding": "all-minilm-l6-v2", "policy": "smollm2-135m-instruct"}
@@ -87,7 +87,8 @@ def load_scorer(cfg: RankConfig, embed: EmbedConfig | None = None) -> Scorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = resolve_model(str(model))
-        clf = AutoModelForSequenceClassification.from_pretrained(path).to(resolve_device(embed.device)).eval()
+        clf = AutoModelForSequenceClassification.from_pretrained(path, **weights_kwargs(path))
+        clf = clf.to(resolve_device(embed.device)).eval()
         return NLIScorer(clf, AutoTokenizer.from_pretrained(path), name=f"nli:{model}")
     kind = "prompteol" if cfg.scorer == "policy" else embed.embedding
     encoder = load_encoder(str(model), embed.replace(embedding=kind))

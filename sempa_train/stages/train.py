@@ -44,6 +44,7 @@ from sempa_train.core.models import (
     resolve_device,
     resolve_model,
     use_chat_template,
+    weights_kwargs,
 )
 from sempa_train.core.templates import PLAIN_SEPARATOR
 from sempa_train.stages.checkpoints import CheckpointProbe, Probes, SelectionGate, select_and_install
@@ -184,7 +185,7 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
     )
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **weights_kwargs(model_path))
     log.info("train: %s triples, model %s on %s, chat template %s", f"{df.height:,}", cfg.model, device,
              "on" if chat else "off")
 
