@@ -11,8 +11,11 @@ Run it without a server: ``python -m pipelines.flows`` (the built-in defaults).
 Parameters: ``stages`` (which stages run), ``config`` (a YAML run config: sections policy, prepare,
 sample, rank, train, eval, embed, retention, gates, cluster), ``preset`` (train preset), one override
 mapping per section, ``model`` (the policy's model), ``adapter`` (for evaluate- or embed-only runs),
-``source`` (a corpus file to embed: sets ``corpus.source``, which turns the embed stage on), ``dataset``
+``source`` (a corpus file to embed: sets ``corpus.source``, which turns the embed stage on), ``seed`` (one
+seed for prepare, sample, rank and train; ``per-run`` derives it from the flow run's id, so each scheduled
+refresh draws new premises and samples: the seed is in the dataset version's manifest), ``dataset``
 (name of the versioned dataset) and ``root`` (the store folder, relative to the working directory).
+A dataset version is published once per distinct content: a run resumed after a crash reuses it.
 The library validates them before any stage runs, and every parameter or config field that names a
 local path must lie under the worker's allowed folders (``SEMPA_ALLOWED_PATHS``; by default the
 working directory and ``../shared``). The stage sequence, the content keys and the
@@ -22,10 +25,12 @@ folder layout are the library's (``sempa_train.plan``); this module only says ho
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from pipelines.tasks import outputs_artifact, published, run_in_prefect
 from sempa_train.core.io import read_json
@@ -33,6 +38,15 @@ from sempa_train.core.store import Store
 from sempa_train.plan import DATA_STAGES, STAGE_NAMES, RunConfig, execute
 
 Stage = Literal[STAGE_NAMES]  # type: ignore[valid-type] - the plan's stage names, for Prefect's parameter schema
+
+
+SEEDED = ("prepare", "sample", "rank", "train")  # the config sections with a seed
+
+
+def run_seed() -> int:
+    """A seed of this flow run (from its id; random outside a run): each run of a schedule gets another."""
+    run_id = flow_run.get_id()
+    return int(uuid.UUID(str(run_id)).hex[:7], 16) if run_id else int.from_bytes(os.urandom(3), "big")
 
 
 def allowed_roots() -> list[Path] | None:
@@ -77,6 +91,7 @@ def sempa(
     model: str | None = None,
     adapter: str | None = None,
     source: str | None = None,
+    seed: int | Literal["per-run"] | None = None,
     dataset: str = "default",
     root: str = "outputs/pipeline",
 ) -> dict[str, Any]:
@@ -84,6 +99,10 @@ def sempa(
     sections = {"policy": policy, "prepare": prepare, "sample": sample, "rank": rank, "train": train, "eval": eval,
                 "embed": embed, "retention": retention, "gates": gates, "cluster": cluster,
                 "corpus": {**(corpus or {}), **({"source": source} if source else {})}}
+    if seed is not None:
+        value = run_seed() if seed == "per-run" else seed
+        print(f"seed {value}" + (" (from the flow run's id)" if seed == "per-run" else ""))
+        sections.update({name: {**(sections[name] or {}), "seed": value} for name in SEEDED})
     cfg = RunConfig.build(config, preset=preset, overrides={k: v for k, v in sections.items() if v}, model=model)
     check_allowed_paths({**cfg.local_paths(), "root": Path(root), **({"adapter": Path(adapter)} if adapter else {}),
                          **({"config": Path(config)} if config else {})})

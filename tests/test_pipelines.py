@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -12,6 +17,8 @@ from test_sts import make_senteval
 
 from sempa_train.core.io import file_sha256
 from sempa_train.stages.model_card import card_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,25 +64,44 @@ def task_states(flow_run_id) -> dict[str, str]:
     return dict(task_runs(flow_run_id))
 
 
-def test_full_flow_fails_at_train_then_resumes_from_cache(prefect_harness, tiny_model_dir, tmp_path):
+def flow_process(params: dict) -> subprocess.Popen:
+    """The ``sempa`` flow in a process of its own (a worker), on the test server, in its own process group."""
+    from prefect.settings import get_current_settings
+
+    code = "import json, sys\nfrom pipelines.flows import sempa\nsempa(**json.loads(sys.argv[1]))"
+    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(params)], env=env, cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_worker_killed_in_train_then_rerun_resumes_from_cache(prefect_harness, tiny_model_dir, tmp_path):
+    """Fault injection: the flow's process (and its stage subprocess) SIGKILLed while training; the deployment run
+    again takes prepare, sample and rank from the cache, trains from the start and publishes nothing twice."""
     from pipelines.flows import sempa
+    from sempa_train.core.store import Store
 
     senteval = make_senteval(tmp_path / "senteval")
     root = tmp_path / "store"
     params = tiny_params(tiny_model_dir, senteval, root)
-    broken = {**params, "train": {**params["train"], "lora_target_modules": "no_such_module"}}  # fails in train
-
-    state = sempa(**broken, return_state=True)
-    assert state.is_failed()
-    assert "no_such_module" in str(state.result(raise_on_failure=False))
-    first = task_states(state.state_details.flow_run_id)
-    assert first["prepare"] == "Completed" and first["sample"] == "Completed" and first["rank"] == "Completed"
+    worker = flow_process(params)
+    train_dir, deadline = root / "stages" / "train", time.monotonic() + 300
+    while not list(train_dir.glob(".*.partial")):  # training has started
+        assert worker.poll() is None, f"the flow ended before training: {worker.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "training did not start within 300 s"
+        time.sleep(0.02)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    store = Store(root)
+    assert store.versions("tiny") == ["v0001"]  # published before training
+    assert not [p for p in train_dir.iterdir() if not p.name.startswith(".")]  # no folder that looks trained
 
     state = sempa(**params, return_state=True)
     assert state.is_completed(), state
     second = task_states(state.state_details.flow_run_id)
     assert second["prepare"] == "Cached" and second["sample"] == "Cached" and second["rank"] == "Cached"
     assert second["train"] == "Completed" and second["evaluate"] == "Completed"
+    assert store.versions("tiny") == ["v0001"]  # the same data is not published twice
+    assert not list(train_dir.glob(".*.partial"))  # the killed attempt's scratch folder is gone
 
     outputs = state.result()
     prefs = pl.read_parquet(Path(outputs["preferences"]) / "data.parquet")
@@ -109,19 +135,28 @@ def test_full_flow_fails_at_train_then_resumes_from_cache(prefect_harness, tiny_
         shipped / "adapter_model.safetensors")
 
 
-def test_refresh_twice_makes_two_versions(prefect_harness, tiny_model_dir, tmp_path):
-    from pipelines.flows import sempa
-    from sempa_train.core.store import Store
+def test_two_refresh_runs_at_once_publish_two_complete_versions(prefect_harness, tiny_model_dir, tmp_path):
+    """The refresh deployment's parameters in two worker processes at once: each run draws its own seed, and the
+    store gets two distinct, complete versions."""
+    from sempa_train.core.store import Store, dataset_hash
 
     params = tiny_params(tiny_model_dir, tmp_path, tmp_path / "store")
     params.pop("eval")
-    for _ in range(2):
-        sempa(stages=["prepare", "sample", "rank"], **params)
+    workers = [flow_process({**params, "stages": ["prepare", "sample", "rank"], "seed": "per-run"}) for _ in range(2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-2000:]
     store = Store(tmp_path / "store")
     assert store.versions("tiny") == ["v0001", "v0002"]
+    manifests = [json.loads((store.dataset_dir("tiny") / v / "manifest.json").read_text()) for v in ("v0001", "v0002")]
+    assert len({m["config"]["sample"]["seed"] for m in manifests}) == 2
+    assert all(m["config"]["prepare"]["seed"] == m["config"]["sample"]["seed"] for m in manifests)
+    for manifest in manifests:
+        assert set(manifest["parts"]) == {"triples", "candidates", "preferences"}
+        for part, entry in manifest["parts"].items():  # complete: every part matches the hash it was published with
+            assert dataset_hash(store.dataset_dir("tiny") / manifest["version"] / part) == entry["data_sha256"]
+    assert manifests[0]["parts"]["candidates"]["data_sha256"] != manifests[1]["parts"]["candidates"]["data_sha256"]
     assert store.latest("tiny").name == "v0002"
-    manifest = json.loads((store.latest("tiny") / "manifest.json").read_text())
-    assert set(manifest["parts"]) == {"triples", "candidates", "preferences"}
 
 
 def test_bad_parameters_fail_before_any_stage(prefect_harness, tmp_path):

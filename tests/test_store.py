@@ -34,27 +34,35 @@ def test_publish_versions_are_immutable_and_latest_moves(tmp_path):
     manifest = json.loads((v1 / "manifest.json").read_text())
     assert manifest["note"] == "first" and manifest["parts"]["triples"]["data_sha256"] == first["data_sha256"]
     assert dataset_hash(v1 / "triples") == first["data_sha256"]
+    again = store.publish("snli", {"triples": tmp_path / "a"}, {"note": "a resumed run"})  # data v0001 holds
+    assert again == v1 and store.versions("snli") == ["v0001", "v0002"] and store.latest("snli") == v2
+    assert json.loads((v1 / "manifest.json").read_text())["note"] == "first"
     with pytest.raises(ValueError, match="dataset name"):
         store.dataset_dir("../escape")
 
 
 def test_concurrent_publishes_get_distinct_versions(tmp_path):
+    """Six runs publishing different data at once get six complete versions; two with the same data get one."""
     store = Store(tmp_path / "store")
-    write_dataset(tmp_path / "a", triples("a"), kind="triples", config={}, source="x")
+    for i in range(6):
+        write_dataset(tmp_path / f"d{i}", triples(f"d{i}"), kind="triples", config={}, source="x")
     results, errors = [], []
 
-    def publish() -> None:
+    def publish(i: int) -> None:
         try:
-            results.append(store.publish("snli", {"triples": tmp_path / "a"}, {}))
+            results.append(store.publish("snli", {"triples": tmp_path / f"d{i}"}, {}))
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=publish) for _ in range(6)]
+    threads = [threading.Thread(target=publish, args=(i % 6,)) for i in range(8)]  # d0 and d1 twice
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors
-    assert sorted(p.name for p in results) == [f"v{i:04d}" for i in range(1, 7)]
+    assert len(results) == 8 and sorted({p.name for p in results}) == [f"v{i:04d}" for i in range(1, 7)]
+    assert store.versions("snli") == [f"v{i:04d}" for i in range(1, 7)]
     assert store.latest("snli").name == "v0006"
+    published = {json.loads((p / "manifest.json").read_text())["parts"]["triples"]["data_sha256"] for p in results}
+    assert len(published) == 6  # each version holds one run's data, complete
     assert not [p for p in store.dataset_dir("snli").iterdir() if p.name.startswith(".publish-")]

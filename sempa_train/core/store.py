@@ -10,7 +10,8 @@ Layout under ``root``::
     datasets/<name>/latest.json    pointer to the newest version (and a ``latest`` symlink)
 
 Versions are published under a file lock: a version number is taken and the folder renamed into
-place in one step, so two refresh runs at once get two versions and neither sees a partial one.
+place in one step, so two refresh runs at once get two versions and neither sees a partial one. Data that
+a version already holds (same parts, same content hashes) is never published a second time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,6 +39,8 @@ from sempa_train.core.io import (
     verify_dataset,
     write_json,
 )
+
+log = logging.getLogger(__name__)
 
 _VERSION = re.compile(r"^v(\d{4,})$")
 
@@ -98,7 +102,10 @@ class Store:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def publish(self, name: str, parts: Mapping[str, Path], manifest: Mapping[str, Any]) -> Path:
-        """Copy the dataset folders ``parts`` into a new immutable version of ``name`` and point ``latest`` at it."""
+        """Copy the dataset folders ``parts`` into a new immutable version of ``name`` and point ``latest`` at it.
+
+        Data already published is not published twice: when a version holds the same parts with the same content
+        hashes (a resumed run, a refresh whose data did not change), that version is returned and nothing moves."""
         folder = self.dataset_dir(name)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = make_temp_dir(folder, ".publish-")
@@ -108,6 +115,11 @@ class Store:
             hashes = {part: dataset_hash(tmp / part) for part in parts}
             with self._lock(name):
                 existing = self.versions(name)
+                same = self._version_with(name, hashes, existing)
+                if same is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    log.info("publish: %s/%s already holds this data; not published again", name, same)
+                    return folder / same
                 version = f"v{(int(existing[-1][1:]) + 1) if existing else 1:04d}"
                 write_json(tmp / "manifest.json", {
                     "dataset": name, "version": version, "created_at": now_iso(), "code_version": code_version(),
@@ -126,6 +138,14 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return target
+
+    def _version_with(self, name: str, hashes: Mapping[str, str], versions: list[str]) -> str | None:
+        """The newest of ``versions`` whose parts are exactly ``hashes`` (part name -> data hash), if any."""
+        for version in reversed(versions):
+            parts = read_json(self.dataset_dir(name) / version / "manifest.json").get("parts", {})
+            if {part: entry.get("data_sha256") for part, entry in parts.items()} == dict(hashes):
+                return version
+        return None
 
 
 def _link_or_copy_tree(source: Path, target: Path) -> None:
