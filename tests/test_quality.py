@@ -10,7 +10,13 @@ from test_ranking import P1, P2, TableScorer, candidates_df, triples_df
 
 from sempa_train.core.config import RankConfig
 from sempa_train.core.summary import worst_chosen
-from sempa_train.stages.quality import FluencyCheck, LanguageCheck, apply_checks, foreign_letter_share
+from sempa_train.stages.quality import (
+    FluencyCheck,
+    LanguageCheck,
+    MetaAnswerCheck,
+    apply_checks,
+    foreign_letter_share,
+)
 from sempa_train.stages.ranking import rank_preferences
 
 GIBBERISH = "Messingi wesner di marina fi, sjık, hghd in ochik med lucky diffratul piano."
@@ -35,6 +41,20 @@ def test_language_check_flags_other_languages_and_mixed_scripts_not_short_englis
     english = ["A boy jumps.", "A person surfs.", "Girls ride ATVs.", "Two men play basketball.", "Bacon."]
     assert check.failing([P1] * len(english), english) == [False] * len(english)
     assert foreign_letter_share("Café au lait") == pytest.approx(1 / 10)
+
+
+def test_meta_answers_are_flagged_and_paraphrases_are_not():
+    premise = "Two men performing in a music group."
+    meta = ['Rearrange the sentence to "Two men performing in a music group."',
+            'The sentence is "Two men perform in a band."', "Sure, here it is. Two men perform in a band.",
+            "Two men performing in a music group: Two men performing in a music group", "Paraphrase: Two men sing."]
+    fine = ["Two men perform in a band.", "Two men are performing in a musical group.",
+            "The two men play in a band.", "Sentences aside, two men perform in a group."]
+    check = MetaAnswerCheck()
+    assert check.failing([premise] * len(meta), meta) == [True] * len(meta)
+    assert check.failing([premise] * len(fine), fine) == [False] * len(fine)
+    quoted = 'A sign reads "open" in front of a store.'  # quotes the premise has are fine
+    assert check.failing([quoted], ['A sign saying "open" hangs in front of a store.']) == [False]
 
 
 def test_checks_run_in_order_on_survivors_and_name_the_first_failure():

@@ -521,8 +521,9 @@ class RankConfig(StageConfig):
     Strategy: ``strategy``, ``rejected``, ``hybrid_fraction``, ``template``, ``seed``. Scorer:
     ``scorer``, ``scorer_model``. Filters: ``min_length_ratio``, ``max_length_ratio``,
     ``drop_truncated``, ``min_margin``, ``contamination_dir`` + ``contamination_tasks``. Absolute checks
-    of sampled candidates (``sempa_train.stages.quality``): ``language``, ``min_fluency`` (with the
-    policy's ``model`` and ``chat_template``), ``min_chosen_score``.
+    of sampled candidates (``sempa_train.stages.quality``): ``drop_meta_answers``, ``language``,
+    ``min_fluency`` (with the policy's ``model`` and ``chat_template``), ``judge`` + ``min_entailment``,
+    ``min_chosen_score``.
     """
 
     strategy: str = option("sampled", "gold: the paper's NLI pairs; sampled: best candidate as chosen; "
@@ -547,6 +548,9 @@ class RankConfig(StageConfig):
     contamination_tasks: tuple[str, ...] = option(("STSBenchmark", "SICKRelatedness"),
                                                   "STS tasks checked for contamination")
     seed: int = option(0, "seed of the hybrid split")
+    drop_meta_answers: bool = option(False, "drop sampled candidates that answer about the sentence instead of "
+                                     "restating it: a meta opening ('The sentence is', 'Rearrange', 'Sure'), or "
+                                     "quotation marks or a colon the premise lacks")
     language: str | None = option(None, "drop sampled candidates that py3langid confidently labels another "
                                   "language (>= 0.6) or that are more than 5 percent non-Latin letters, e.g. en; "
                                   "None: no check")

@@ -12,6 +12,10 @@ Each check here drops the candidates it fails, with its own reason counted in th
     English captions often get a low English probability (7.8 % of SNLI entailment hypotheses of the
     default run score below 0.5), so the check asks for a *confident other* language instead of a
     confident English one; the letter share catches mixed text ("Spanišiština odleglosuna …").
+``MetaAnswerCheck`` (``candidate_meta_answer``)
+    an answer *about* the sentence instead of a paraphrase of it: a leading label or instruction
+    ("Rearrange the sentence to …", "The sentence is …", "Sure, …"), quotation marks or a colon the premise
+    does not have ("… a music group: Two men performing …"). Pure text rules, no model.
 ``FluencyCheck`` (``candidate_disfluent``)
     the mean token log-probability of the candidate as the policy's own answer to the paraphrase prompt
     (one forward pass): word salad is improbable under the model that wrote it.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -78,6 +83,32 @@ class LanguageCheck:
 
     def failing(self, premises: Sequence[str], candidates: Sequence[str]) -> list[bool]:
         return [self.is_other_language(text) for text in candidates]
+
+
+# Openings of an answer that talks about the sentence or the task rather than restating it.
+_META_OPENING = re.compile(
+    r"^\W*(sure|here|okay|ok|certainly|answer|output|note|paraphrase[ds]?|rephrase[ds]?|rewrite|rewritten|"
+    r"rearrange[ds]?|revised|(the|this|a|your|my) (new |revised |rewritten |rephrased |paraphrased |original |"
+    r"same |modified |changed )?(sentence|paraphrase|version|meaning))\b", re.IGNORECASE)
+_QUOTES = "\"“”«»"
+
+
+class MetaAnswerCheck:
+    """Fails candidates that answer about the sentence (a label, an instruction, a quotation of it) instead of
+    restating it: a meta opening, or quotation marks or a colon that the premise lacks."""
+
+    reason = "candidate_meta_answer"
+
+    @staticmethod
+    def is_meta(premise: str, candidate: str) -> bool:
+        if _META_OPENING.match(candidate):
+            return True
+        if any(q in candidate and q not in premise for q in _QUOTES):
+            return True
+        return ":" in candidate and ":" not in premise
+
+    def failing(self, premises: Sequence[str], candidates: Sequence[str]) -> list[bool]:
+        return [self.is_meta(p, c) for p, c in zip(premises, candidates, strict=True)]
 
 
 class FluencyCheck:

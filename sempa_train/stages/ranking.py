@@ -36,7 +36,14 @@ from sempa_train.core.schemas import PREFERENCE_SCHEMA
 from sempa_train.core.templates import resolve_template
 from sempa_train.core.text import normalize_text
 from sempa_train.stages.preferences import gold_row, preference_row
-from sempa_train.stages.quality import CandidateCheck, FluencyCheck, LanguageCheck, apply_checks, plot_quality
+from sempa_train.stages.quality import (
+    CandidateCheck,
+    FluencyCheck,
+    LanguageCheck,
+    MetaAnswerCheck,
+    apply_checks,
+    plot_quality,
+)
 from sempa_train.stages.scoring import Scorer
 
 log = logging.getLogger(__name__)
@@ -249,12 +256,12 @@ def quality_measures(ranked: Ranked, sampled: pl.Series) -> dict[str, Any]:
     return out
 
 
-CHECK_REASONS = ("candidate_not_english", "candidate_disfluent", "candidate_not_entailed")
+CHECK_REASONS = ("candidate_meta_answer", "candidate_not_english", "candidate_disfluent", "candidate_not_entailed")
 
 
 def build_checks(cfg: RankConfig) -> list[CandidateCheck]:
     """The absolute checks ``cfg`` turns on, cheapest first (each sees only what passed the ones before)."""
-    checks: list[CandidateCheck] = []
+    checks: list[CandidateCheck] = [MetaAnswerCheck()] if cfg.drop_meta_answers else []
     if cfg.language is not None:
         checks.append(LanguageCheck(cfg.language))
     if cfg.min_fluency is not None:
