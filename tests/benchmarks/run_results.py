@@ -59,6 +59,13 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"{row.get('perplexity_ratio', float('nan')):.3f} | "
                      f"{row.get('paraphrase_similarity_delta', float('nan')):+.3f} | "
                      f"{'passed' if row['gates_passed'] else 'failed'} |")
+    if len(rows) > 1:
+        mean = {key: sum(row[key] for row in rows) / len(rows) for key in ("perplexity_ratio",
+                                                                           "paraphrase_similarity_delta")}
+        deltas = [sum(row["sts_delta"][task] for row in rows) / len(rows) for task in ("STSBenchmark",
+                                                                                       "SICKRelatedness")]
+        lines.append(f"| mean of {len(rows)} runs | | | {deltas[0]:+.2f} | {deltas[1]:+.2f} | "
+                     f"{mean['perplexity_ratio']:.3f} | {mean['paraphrase_similarity_delta']:+.3f} | |")
     return "\n".join(lines)
 
 
