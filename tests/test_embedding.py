@@ -50,17 +50,6 @@ def test_shared_prefix_cache_changes_nothing(tiny):
     np.testing.assert_allclose(*layer1, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_decoder_gives_the_same_vectors(tiny_model_dir):
-    """EmbedConfig.compile: torch.compile (inductor, frozen weights) changes speed, not the embeddings."""
-    eager = load_encoder(tiny_model_dir, EmbedConfig(dtype="float32", batch_size=2), show_progress=False)
-    compiled = load_encoder(tiny_model_dir, EmbedConfig(dtype="float32", batch_size=2, compile=True),
-                            show_progress=False)
-    assert compiled.compiled and not compiled.share_prefix
-    np.testing.assert_allclose(compiled.encode(SENTENCES), eager.encode(SENTENCES), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="compile applies to the transformers backend"):
-        EmbedConfig(backend="vllm", compile=True)
-
-
 def test_common_prefix_leaves_every_last_token():
     assert common_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == [1, 2]
     assert common_prefix([[1, 2, 3], [1, 2, 3]]) == [1, 2]

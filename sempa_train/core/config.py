@@ -388,16 +388,10 @@ class EmbedConfig(StageConfig):
     backend: str = option("transformers", "PromptEOL engine: transformers (this process) or vllm (vLLM's pooling "
                           "runner on a merged model folder, last-token pooling; final layer only)",
                           choices=ENCODER_BACKENDS)
-    compile: bool = option(False, "torch.compile the PromptEOL decoder (inductor, weights frozen; transformers "
-                           "backend): the same vectors, about 1.7x the fp32 batches/s on 2 CPU cores, after a "
-                           "one-off compile of minutes (kept in the inductor cache for later runs); pays on corpora "
-                           "of many thousand sentences, not on a 3,000-sentence evaluation")
 
     def __post_init__(self) -> None:
         self._check_choices()
         _check_positive("batch_size", self.batch_size)
-        if self.backend == "vllm" and self.compile:
-            raise ValueError("compile applies to the transformers backend (vLLM compiles its own graphs)")
         if self.backend == "vllm" and self.layer != -1:
             raise ValueError(f"backend 'vllm' pools the final layer only; got layer={self.layer}")
 

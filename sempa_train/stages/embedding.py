@@ -24,7 +24,6 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from collections.abc import Sequence
@@ -95,17 +94,10 @@ class PromptEOLEncoder(DedupEncoder):
         name: str = "",
         show_progress: bool | None = None,
         share_prefix: bool = True,
-        compile: bool = False,
     ) -> None:
         self.model = model
+        self.share_prefix = share_prefix
         self.decoder = model.get_decoder()  # the transformer without the LM head
-        self.compiled = compile
-        if compile:  # shapes vary per batch (dynamic); the template prefix is computed in each batch instead of
-            # continuing a key/value cache object, which would recompile the graph
-            import torch._inductor.config  # noqa: F401 - patched around each encode call
-
-            self.decoder = torch.compile(self.decoder, dynamic=True)
-        self.share_prefix = share_prefix and not compile
         self.tokenizer = tokenizer
         self.template = template
         self.batch_size = batch_size
@@ -130,11 +122,9 @@ class PromptEOLEncoder(DedupEncoder):
         prefix = common_prefix(token_ids) if self.share_prefix else []
         prefix_cache = self._prefix_cache(prefix, device) if prefix else None
         batches = range(0, len(order), self.batch_size)
-        # inductor's freezing folds the weights into the graph as constants (packed for the CPU's matmuls)
-        with torch._inductor.config.patch(freezing=True) if self.compiled else contextlib.nullcontext():
-            for start in tqdm(batches, desc="PromptEOL", unit="batch", disable=_tqdm_disable(self.show_progress)):
-                idx = order[start : start + self.batch_size]
-                out[idx] = self._last_token_states([token_ids[i][len(prefix):] for i in idx], device, prefix_cache)
+        for start in tqdm(batches, desc="PromptEOL", unit="batch", disable=_tqdm_disable(self.show_progress)):
+            idx = order[start : start + self.batch_size]
+            out[idx] = self._last_token_states([token_ids[i][len(prefix):] for i in idx], device, prefix_cache)
         return out
 
     def _prefix_cache(self, prefix: list[int], device: torch.device) -> Any:
@@ -285,7 +275,7 @@ def load_encoder(
     lm, tokenizer = load_causal_lm(path, adapter=adapter, dtype=dtype, device=device)
     log.info("PromptEOL encoder %s on %s (%s)", name, device, dtype)
     return PromptEOLEncoder(lm, tokenizer, template=template, batch_size=cfg.batch_size, layer=layer, name=name,
-                            show_progress=show_progress, compile=cfg.compile)
+                            show_progress=show_progress)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
