@@ -50,6 +50,28 @@ def test_shared_prefix_cache_changes_nothing(tiny):
     np.testing.assert_allclose(*layer1, rtol=1e-4, atol=1e-5)
 
 
+def test_smoothing_is_exact_and_int8_stays_close(tiny, tiny_model_dir):
+    """quantize=int8: smoothing alone computes the same vectors; after int8 they stay close to fp32."""
+    from sempa_train.stages.quantize import input_maxima, smooth
+
+    model, tokenizer = tiny
+    fp32 = PromptEOLEncoder(model, tokenizer, show_progress=False).encode(SENTENCES)
+    maxima = input_maxima(model, PromptEOLEncoder(model, tokenizer, show_progress=False).encode, SENTENCES)
+    assert len(maxima) == 2 * model.config.num_hidden_layers
+    smoothed = smooth(model, maxima)
+    q_proj = [m.model.layers[0].self_attn.q_proj.weight for m in (smoothed, model)]
+    assert not torch.equal(*q_proj)
+    np.testing.assert_allclose(PromptEOLEncoder(smoothed, tokenizer, show_progress=False).encode(SENTENCES), fp32,
+                               rtol=1e-3, atol=1e-4)
+
+    int8 = load_encoder(tiny_model_dir, EmbedConfig(quantize="int8"), show_progress=False)
+    mlp = int8.model.model.layers[0].mlp
+    assert "quantized" in type(mlp.gate_proj).__module__ and "quantized" not in type(mlp.down_proj).__module__
+    assert cosine(int8.encode(SENTENCES), fp32).min() > 0.99
+    with pytest.raises(ValueError, match="applies to the transformers backend"):
+        EmbedConfig(backend="vllm", quantize="int8")
+
+
 def test_common_prefix_leaves_every_last_token():
     assert common_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == [1, 2]
     assert common_prefix([[1, 2, 3], [1, 2, 3]]) == [1, 2]

@@ -371,6 +371,7 @@ EMBEDDINGS = ("auto", "prompteol", "sentence-transformers")
 SPLITS = ("test", "dev")
 STS_TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE_MODES = ("none", "int8")
 ENCODER_BACKENDS = ("transformers", "vllm")
 
 
@@ -388,10 +389,16 @@ class EmbedConfig(StageConfig):
     backend: str = option("transformers", "PromptEOL engine: transformers (this process) or vllm (vLLM's pooling "
                           "runner on a merged model folder, last-token pooling; final layer only)",
                           choices=ENCODER_BACKENDS)
+    quantize: str = option("none", "int8: PromptEOL with SmoothQuant-style smoothing and dynamic int8 q/k/v and "
+                           "gate/up projections, from fp32 weights (CPU, transformers backend; see "
+                           "sempa_train/stages/quantize.py and the README's embedding benchmark); none: as dtype "
+                           "says", choices=QUANTIZE_MODES)
 
     def __post_init__(self) -> None:
         self._check_choices()
         _check_positive("batch_size", self.batch_size)
+        if self.quantize != "none" and self.backend != "transformers":
+            raise ValueError(f"quantize={self.quantize!r} applies to the transformers backend")
         if self.backend == "vllm" and self.layer != -1:
             raise ValueError(f"backend 'vllm' pools the final layer only; got layer={self.layer}")
 

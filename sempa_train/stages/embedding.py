@@ -271,9 +271,19 @@ def load_encoder(
         log.info("PromptEOL encoder %s with vLLM's pooling runner", name)
         return VLLMPromptEOLEncoder(path, load_tokenizer(path), template=template, dtype=cfg.dtype, name=name,
                                     show_progress=show_progress)
-    dtype = resolve_dtype(cfg.dtype, device)
-    lm, tokenizer = load_causal_lm(path, adapter=adapter, dtype=dtype, device=device)
-    log.info("PromptEOL encoder %s on %s (%s)", name, device, dtype)
+    if cfg.quantize == "int8":
+        if device.type != "cpu":
+            raise ValueError("quantize=int8 runs on the CPU (dynamic int8 kernels); use dtype=auto on a GPU")
+        from sempa_train.stages.quantize import quantize_int8
+
+        lm, tokenizer = load_causal_lm(path, adapter=adapter, dtype=torch.float32, device=device)
+        lm = quantize_int8(lm, lambda model: PromptEOLEncoder(model, tokenizer, template=template, layer=layer,
+                                                              show_progress=False).encode)
+        log.info("PromptEOL encoder %s on cpu (int8, smoothed)", name)
+    else:
+        dtype = resolve_dtype(cfg.dtype, device)
+        lm, tokenizer = load_causal_lm(path, adapter=adapter, dtype=dtype, device=device)
+        log.info("PromptEOL encoder %s on %s (%s)", name, device, dtype)
     return PromptEOLEncoder(lm, tokenizer, template=template, batch_size=cfg.batch_size, layer=layer, name=name,
                             show_progress=show_progress)
 

@@ -11,7 +11,9 @@ head and the shared template prefix), in fp32 without the shared prefix (to show
 with ``dtype=auto`` (bf16 where the CPU has bf16 units), and, as a lever tried and not kept in the library,
 fp32 with the decoder under ``torch.compile`` (inductor, dynamic shapes, frozen weights; without the shared
 prefix, whose key/value cache object would recompile the graph): its one-off compile (on a 128-sentence
-warm-up) is reported apart and added to its STS7 time. Runs alternate (baseline, fp32, ...,
+warm-up) is reported apart and added to its STS7 time; and ``quantize=int8`` (SmoothQuant-style smoothing,
+dynamic int8 q/k/v and gate/up projections; its setup, calibration included, reported apart).
+``--arms`` runs a subset (the baseline always runs). Runs alternate (baseline, fp32, ...,
 baseline, ...) so background load hits all alike; the median of ``--repeats`` is reported, with the
 time a full STS7 workload (37.7k sentences) would take at each rate.
 Writes ``tests/benchmarks/results/embed_throughput[-TAG].json``.
@@ -35,6 +37,8 @@ from sempa_train.stages.embedding import PromptEOLEncoder, cosine, load_encoder
 from sempa_train.stages.evaluation import spearman100
 from sempa_train.stages.sts_data import load_senteval_task
 
+ARMS = ["baseline_fp32", "sempa_fp32_no_shared_prefix", "sempa_fp32", "sempa_auto", "sempa_fp32_compiled",
+        "sempa_int8"]
 STS7_SENTENCES = 37_700  # both sides of every pair of STS12-16, STS-B test and SICK-R test
 
 
@@ -57,7 +61,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS, help="which encoders to run (default: all; "
+                        "baseline_fp32 always runs)")
     args = parser.parse_args()
+    args.arms = ["baseline_fp32", *[arm for arm in args.arms if arm != "baseline_fp32"]]
 
     sts = load_senteval_task(args.senteval_dir, "STSBenchmark", "dev")[0]
     sentences = sts.sent1 + sts.sent2
@@ -71,6 +78,10 @@ def main() -> None:
     ours_fp32_no_prefix = PromptEOLEncoder(ours_fp32.model, ours_fp32.tokenizer, batch_size=64, show_progress=False,
                                            share_prefix=False)
     ours_auto = load_encoder(args.model, EmbedConfig(dtype="auto", batch_size=64), show_progress=False)
+    start = time.perf_counter()
+    ours_int8 = (load_encoder(args.model, EmbedConfig(quantize="int8", batch_size=64), show_progress=False)
+                 if "sempa_int8" in args.arms else None)
+    int8_setup_seconds = time.perf_counter() - start  # loading, calibration and quantisation
     ours_compiled = PromptEOLEncoder(ours_fp32.model, ours_fp32.tokenizer, batch_size=64, show_progress=False,
                                      share_prefix=False)
     ours_compiled.decoder = torch.compile(ours_compiled.decoder, dynamic=True)
@@ -79,17 +90,21 @@ def main() -> None:
         with torch._inductor.config.patch(freezing=True):  # weights folded into the graph as constants
             return ours_compiled.encode(texts)
 
-    start = time.perf_counter()
-    compiled_encode(sentences[:128])  # compiles (or loads the inductor cache)
-    compile_seconds = time.perf_counter() - start
-    print(f"compile + warm-up: {compile_seconds:.1f}s", flush=True)
+    compile_seconds = 0.0
+    if "sempa_fp32_compiled" in args.arms:
+        start = time.perf_counter()
+        compiled_encode(sentences[:128])  # compiles (or loads the inductor cache)
+        compile_seconds = time.perf_counter() - start
+        print(f"compile + warm-up: {compile_seconds:.1f}s", flush=True)
     runners = {
         "baseline_fp32": lambda: naive_encode(naive_model, naive_tok, sentences),
         "sempa_fp32_no_shared_prefix": lambda: ours_fp32_no_prefix.encode(sentences),
         "sempa_fp32": lambda: ours_fp32.encode(sentences),
         "sempa_auto": lambda: ours_auto.encode(sentences),
         "sempa_fp32_compiled": lambda: compiled_encode(sentences),
+        "sempa_int8": lambda: ours_int8.encode(sentences),
     }
+    runners = {name: run for name, run in runners.items() if name in args.arms}
     times: dict[str, list[float]] = {k: [] for k in runners}
     scores: dict[str, float] = {}
     for _ in range(args.repeats):
@@ -112,9 +127,12 @@ def main() -> None:
         }
         for name, t in times.items()
     }
-    rows["sempa_fp32_compiled"]["compile_seconds"] = round(compile_seconds, 1)
-    rows["sempa_fp32_compiled"]["sts7_minutes_extrapolated"] = round(
-        rows["sempa_fp32_compiled"]["sts7_minutes_extrapolated"] + compile_seconds / 60, 1)
+    if "sempa_fp32_compiled" in rows:
+        rows["sempa_fp32_compiled"]["compile_seconds"] = round(compile_seconds, 1)
+        rows["sempa_fp32_compiled"]["sts7_minutes_extrapolated"] = round(
+            rows["sempa_fp32_compiled"]["sts7_minutes_extrapolated"] + compile_seconds / 60, 1)
+    if "sempa_int8" in rows:
+        rows["sempa_int8"]["setup_seconds"] = round(int8_setup_seconds, 1)
     result = {
         "model": args.model,
         "sentences": len(sentences),
