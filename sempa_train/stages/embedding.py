@@ -278,7 +278,7 @@ def load_encoder(
 
         lm, tokenizer = load_causal_lm(path, adapter=adapter, dtype=torch.float32, device=device)
         lm = quantize_int8(lm, lambda model: PromptEOLEncoder(model, tokenizer, template=template, layer=layer,
-                                                              show_progress=False).encode)
+                                                              batch_size=1, show_progress=False).encode)
         log.info("PromptEOL encoder %s on cpu (int8, smoothed)", name)
     else:
         dtype = resolve_dtype(cfg.dtype, device)
