@@ -298,8 +298,8 @@ def weights_kwargs(folder: str | Path) -> dict[str, Any]:
     if os.environ.get(ALLOW_PICKLE_ENV) != "1":
         raise PickledWeightsError(
             f"{folder}: its only weights are pickled ({', '.join(pickles)}), which can run code when loaded; "
-            "convert them to safetensors (load them once where you trust them and save_pretrained"
-            f"(..., safe_serialization=True)), or set {ALLOW_PICKLE_ENV}=1 to load them anyway")
+            "convert them to safetensors (load the model once where you trust it and save_pretrained it: "
+            f"transformers writes safetensors), or set {ALLOW_PICKLE_ENV}=1 to load them anyway")
     log.warning("%s: no safetensors weights; loading the pickled %s because %s=1", folder, ", ".join(pickles),
                 ALLOW_PICKLE_ENV)
     return {"use_safetensors": False}
