@@ -277,8 +277,7 @@ def load_encoder(
         from sempa_train.stages.quantize import quantize_int8
 
         lm, tokenizer = load_causal_lm(path, adapter=adapter, dtype=torch.float32, device=device)
-        lm = quantize_int8(lm, lambda model: PromptEOLEncoder(model, tokenizer, template=template, layer=layer,
-                                                              batch_size=1, show_progress=False).encode)
+        lm = quantize_int8(lm, tokenizer, template=template, layer=layer)
         log.info("PromptEOL encoder %s on cpu (int8, smoothed)", name)
     else:
         dtype = resolve_dtype(cfg.dtype, device)

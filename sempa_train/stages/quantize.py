@@ -90,15 +90,19 @@ def smooth(model: Any, maxima: dict[str, torch.Tensor], alpha: float = ALPHA) ->
     return model
 
 
-def quantize_int8(model: Any, encode_with: Callable[[Any], Callable[[Sequence[str]], Any]], *,
-                  alpha: float = ALPHA, sentences: Sequence[str] | None = None) -> Any:
-    """The smoothed model with dynamic int8 q/k/v, o and gate/up projections (CPU). ``encode_with(model)`` gives
-    the function that runs PromptEOL on the calibration sentences with ``model``, one sentence a batch: padding
-    positions would enter the activation maxima with values no real token has."""
+def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1, alpha: float = ALPHA,
+                  sentences: Sequence[str] | None = None) -> Any:
+    """The smoothed model with dynamic int8 q/k/v, o and gate/up projections (CPU), calibrated by running
+    PromptEOL (``template``, ``layer``) on ``sentences`` one a batch: padding positions would enter the
+    activation maxima with values no real token has."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    from sempa_train.stages.embedding import PromptEOLEncoder
+
     sentences = list(sentences) if sentences is not None else calibration_sentences()
-    smoothed = smooth(model, input_maxima(model, encode_with(model), sentences), alpha)
+    calibrate = PromptEOLEncoder(model, tokenizer, template=template, layer=layer, batch_size=1,
+                                 show_progress=False).encode
+    smoothed = smooth(model, input_maxima(model, calibrate, sentences), alpha)
     decoder = smoothed.get_decoder()
     targets = {name: per_channel_dynamic_qconfig for name, module in decoder.named_modules()
                if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in QUANTIZED}
