@@ -210,6 +210,10 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
                    "(repeatable)")
     p.add_argument("--out", type=Path, help="model folder (default: $SEMPA_CACHE_DIR/models/sempa-nli-minilm)")
     p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    p.add_argument("--minimal-pairs", action="store_true",
+                   help="also train on minimal pairs of the --snli-dev premises (one number, colour or word changed, "
+                   "an action dropped: not entailed; the premise itself: entailed), so the judge does not take a "
+                   "near copy for a paraphrase (sempa_train/stages/minimal_pairs.py)")
     _common(p)
     if extend is not None:
         extend(sub)
@@ -333,10 +337,11 @@ def _cmd_judge(args: argparse.Namespace) -> None:
     from sempa_train.stages.judge import build_judge, judge_folder
 
     record = build_judge(args.sick, args.out, epochs=args.epochs, snli_test=args.snli_test, snli_dev=args.snli_dev,
-                         exclude=args.exclude, overwrite=args.overwrite)
+                         exclude=args.exclude, with_minimal_pairs=args.minimal_pairs, overwrite=args.overwrite)
     print(f"judge: {args.out or judge_folder()} (trained on {record['train']['pairs']:,} pairs: {record['split']})")
     if "snli_test" in record:
-        print(f"SNLI test accuracy: {record['snli_test']['accuracy']:.4f} ({record['snli_test']['pairs']:,} pairs)")
+        print(f"SNLI test accuracy: {record['snli_test']['accuracy']:.4f} ({record['snli_test']['pairs']:,} pairs); "
+              f"on their premises' minimal pairs: {record['snli_test_minimal_pairs']['accuracy']:.4f}")
 
 
 def _cmd_run(args: argparse.Namespace) -> None:

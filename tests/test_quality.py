@@ -199,3 +199,14 @@ def test_a_missing_judge_says_how_to_build_it_and_a_built_one_is_reused(tmp_path
                          exclude=[tmp_path / "triples"])
     assert record["train"]["pairs"] == 19 and record["train"]["snli_dev"]["pairs"] == 1
     assert "outside 1 excluded premises" in record["split"]
+
+    # minimal pairs come from the SNLI-dev premises the judge trains on, never from the excluded ones
+    with pytest.raises(ValueError, match="--snli-dev"):
+        build_judge(sick, tmp_path / "judge3", epochs=1, with_minimal_pairs=True)
+    record = build_judge(sick, tmp_path / "judge3", epochs=1, batch_size=8, snli_dev=dev,
+                         exclude=[tmp_path / "triples"], with_minimal_pairs=True)
+    from sempa_train.stages.minimal_pairs import minimal_pairs
+
+    assert record["train"]["minimal_pairs"] == len(minimal_pairs([P1])[0]) >= 2  # P1's only: P2 is excluded
+    assert record["train"]["pairs"] == 19 + record["train"]["minimal_pairs"]
+    assert "minimal pairs of those premises" in record["split"]

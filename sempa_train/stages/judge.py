@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from sempa_train.core.io import atomic_dir, file_sha256, now_iso, text_id, write_json
+from sempa_train.stages.minimal_pairs import ENTAILMENT, minimal_pairs
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,11 @@ def read_snli(path: Path, limit: int | None = None) -> tuple[list[tuple[str, str
 def build_judge(sick_train: Path, out: Path | None = None, *, base: str = "all-minilm-l6-v2", epochs: int = 3,
                 batch_size: int = 32, learning_rate: float = 4e-5, seed: int = 0, snli_test: Path | None = None,
                 snli_dev: Path | None = None, exclude: Sequence[Path] = (), max_train_pairs: int | None = None,
-                overwrite: bool = False) -> dict[str, Any]:
+                with_minimal_pairs: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune the judge on SICK train (and the pairs of ``snli_dev`` whose premise is in none of the triples
-    datasets ``exclude``) and write its folder (atomically) with ``judge.json`` (data hashes, split, accuracy on
-    ``snli_test`` when given). Returns that record."""
+    datasets ``exclude``, and with ``with_minimal_pairs`` the minimal pairs of those premises) and write its folder
+    (atomically) with ``judge.json`` (data hashes, split, accuracy on ``snli_test`` and on the minimal pairs of its
+    premises when given). Returns that record."""
     import torch
     from datasets import Dataset
     from sentence_transformers.cross_encoder import (
@@ -113,6 +115,14 @@ def build_judge(sick_train: Path, out: Path | None = None, *, base: str = "all-m
                 pairs.append(pair)
                 labels.append(label)
                 snli_used += 1
+    minimal_used = 0
+    if with_minimal_pairs:
+        if snli_dev is None:
+            raise ValueError("minimal pairs are built from the SNLI-dev premises: pass snli_dev (--snli-dev) too")
+        extra_pairs, extra_labels = minimal_pairs([p for p, _ in pairs[len(pairs) - snli_used:]], seed=seed)
+        pairs += extra_pairs
+        labels += extra_labels
+        minimal_used = len(extra_pairs)
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     order = order[:max_train_pairs] if max_train_pairs else order
@@ -137,10 +147,12 @@ def build_judge(sick_train: Path, out: Path | None = None, *, base: str = "all-m
             "train": {"data": str(sick_train), "sha256": file_sha256(Path(sick_train)), "pairs": len(order),
                       "snli_dev": None if snli_dev is None else {"data": str(snli_dev), "pairs": snli_used,
                                                                  "sha256": file_sha256(Path(snli_dev))},
+                      "minimal_pairs": minimal_used,
                       "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed},
             "split": ("SICK train only: no SNLI premise is in its training data" if snli_dev is None else
                       f"SICK train + the SNLI-dev pairs of premises outside {len(excluded):,} excluded premises "
-                      f"(the triples of {', '.join(map(str, exclude)) or 'no experiment'}); SNLI test held out"),
+                      f"(the triples of {', '.join(map(str, exclude)) or 'no experiment'})"
+                      f"{' + the minimal pairs of those premises' if minimal_used else ''}; SNLI test held out"),
             "excluded_premises_sha256": text_id(*sorted(excluded)) if excluded else None,
         }
         if snli_test is not None:
@@ -148,9 +160,22 @@ def build_judge(sick_train: Path, out: Path | None = None, *, base: str = "all-m
             predicted = NLIJudge(model).probabilities(test_pairs).argmax(1)
             record["snli_test"] = {"data": str(snli_test), "pairs": len(test_pairs),
                                    "accuracy": round(float((predicted == np.asarray(test_labels)).mean()), 4)}
+            record["snli_test_minimal_pairs"] = minimal_pair_accuracy(NLIJudge(model),
+                                                                      [p for p, _ in test_pairs])
         write_json(tmp / "judge.json", record)
     log.info("judge: built %s (%s)", out, record.get("snli_test", {}))
     return record
+
+
+def minimal_pair_accuracy(judge: NLIJudge, premises: Sequence[str], seed: int = 0) -> dict[str, Any]:
+    """How well ``judge`` tells entailed from not entailed on the minimal pairs of ``premises`` (held-out ones:
+    SNLI test), as a binary decision at the entailment probability ``JudgeCheck`` uses (0.5)."""
+    pairs, labels = minimal_pairs(premises, seed=seed)
+    entailed = judge.probabilities(pairs)[:, 0] >= 0.5
+    truth = np.asarray(labels) == ENTAILMENT
+    return {"pairs": len(pairs), "accuracy": round(float((entailed == truth).mean()), 4),
+            "entailed_kept": round(float(entailed[truth].mean()), 4),
+            "not_entailed_rejected": round(float((~entailed[~truth]).mean()), 4)}
 
 
 def _excluded_premises(triples: Sequence[Path]) -> set[str]:

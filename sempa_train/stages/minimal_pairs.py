@@ -1,0 +1,166 @@
+"""Minimal pairs for the NLI judge: a premise against a copy of itself with one detail changed.
+
+A judge trained on SNLI and SICK alone learns that a hypothesis copying most of its premise is entailed
+(the lexical-overlap shortcut of NLI models). The paraphrases a small model samples are exactly such near
+copies, and what a reading of 100 kept pairs found wrong with them was one detail: a number, a colour or a
+verb changed inside a copied sentence, an action dropped or a clause added (``docs/quality_sample*.md``).
+These rules write that kind of pair from plain premises, with the label NLI gives it:
+
+``swap`` (contradiction)
+    one word of a closed class replaced by another of its class: numbers, colours, man/woman and the like,
+    opposites (sitting/standing, inside/outside, ...).
+``replace`` (neutral)
+    one frequent content word replaced by another frequent word of the same form (``-ing`` for ``-ing``,
+    a plural for a plural): "a boy walking on a trail" against "a boy playing on a trail".
+``drop`` (neutral, shorter sentence first)
+    an ``-ing`` word with the words after it up to the next preposition or comma removed: the shorter
+    sentence does not entail the longer one (an action dropped or, read backwards, content added).
+``copy`` (entailment)
+    the premise itself, and the premise with ``is``/``are`` before an ``-ing`` word removed, so the judge
+    does not learn that every edit breaks entailment.
+
+The vocabulary of ``replace`` comes from the premises given (words seen at least ``min_count`` times), so
+pairs built from the judge's own training premises never read an experiment's.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from collections.abc import Sequence
+
+ENTAILMENT, NEUTRAL, CONTRADICTION = 0, 1, 2
+
+_GROUPS = (
+    "one two three four five six seven eight nine ten",
+    "red blue green yellow black white orange pink purple brown gray",
+    "man woman", "men women", "boy girl", "boys girls", "male female", "father mother", "son daughter",
+    "brother sister", "husband wife", "he she", "his her", "gentleman lady",
+    "sitting standing", "sits stands", "inside outside", "indoors outdoors", "up down", "day night",
+    "young old", "big small", "large small", "tall short", "empty full", "wet dry", "left right",
+    "vertical horizontal", "front back", "asleep awake", "sleeping running", "above below", "open closed",
+    "before after", "towards away", "smiling frowning", "laughing crying",
+)
+SWAPS: dict[str, list[str]] = {}
+for _group in _GROUPS:
+    _words = _group.split()
+    for _word in _words:
+        SWAPS.setdefault(_word, []).extend(w for w in _words if w != _word)
+
+STOPWORDS = frozenset("""a an the and or but of in on at to from by with for into onto over under near next beside
+behind above below up down out off as while when where who which that this these those there here is are was were
+be been being has have had do does did it its he him his she her they them their we our you your i one some
+someone something people person another other each all both any very just also not no so than then too can will
+about around through across along against between among during after before""".split())
+PREPOSITIONS = frozenset("in on at to from by with for into onto over under near behind through across along "
+                         "while and as".split())
+_ADJECTIVE_CONTEXT = frozenset("a an the of some two three four several many".split())
+_WORD = re.compile(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*|\S")
+
+
+def tokens(sentence: str) -> list[str]:
+    """Words and punctuation marks of ``sentence``, in order."""
+    return _WORD.findall(sentence)
+
+
+def _spans(sentence: str) -> list[tuple[int, int]]:
+    return [m.span() for m in _WORD.finditer(sentence)]
+
+
+def _recase(word: str, like: str) -> str:
+    return word.capitalize() if like[:1].isupper() else word
+
+
+def _substitute(sentence: str, span: tuple[int, int], word: str) -> str:
+    return sentence[:span[0]] + _recase(word, sentence[span[0]:span[1]]) + sentence[span[1]:]
+
+
+def swap(sentence: str, rng: random.Random) -> str | None:
+    """One closed-class word replaced by another of its class (None: the sentence has none)."""
+    words, spans = tokens(sentence), _spans(sentence)
+    spots = [i for i, w in enumerate(words) if w.lower() in SWAPS]
+    if not spots:
+        return None
+    i = rng.choice(spots)
+    return _substitute(sentence, spans[i], rng.choice(SWAPS[words[i].lower()]))
+
+
+def _form(word: str) -> str:
+    return "ing" if word.endswith("ing") else "s" if word.endswith("s") else ""
+
+
+def content_vocabulary(premises: Sequence[str], min_count: int = 20) -> dict[str, list[str]]:
+    """Frequent content words of ``premises`` grouped by form (``ing``, ``s``, other)."""
+    counts = Counter(w.lower() for p in premises for w in tokens(p) if w.isalpha() and len(w) > 2)
+    vocabulary: dict[str, list[str]] = {}
+    for word, count in sorted(counts.items()):
+        if count >= min_count and word not in STOPWORDS and word not in SWAPS:
+            vocabulary.setdefault(_form(word), []).append(word)
+    return vocabulary
+
+
+def replace(sentence: str, vocabulary: dict[str, list[str]], rng: random.Random) -> str | None:
+    """One frequent content word replaced by another frequent word of its form (None: no such word)."""
+    words, spans = tokens(sentence), _spans(sentence)
+    spots = [i for i, w in enumerate(words) if w.lower() in vocabulary.get(_form(w.lower()), ())]
+    if not spots:
+        return None
+    i = rng.choice(spots)
+    others = [w for w in vocabulary[_form(words[i].lower())] if w != words[i].lower()]
+    return _substitute(sentence, spans[i], rng.choice(others)) if others else None
+
+
+def drop(sentence: str, rng: random.Random) -> str | None:
+    """An ``-ing`` word (not the first) and what follows it up to a preposition or punctuation removed."""
+    words, spans = tokens(sentence), _spans(sentence)
+    spots = [i for i, w in enumerate(words) if i > 0 and w.lower().endswith("ing") and len(w) > 4
+             and words[i - 1].lower() not in _ADJECTIVE_CONTEXT]  # "of opposing teams": an adjective
+    if not spots:
+        return None
+    i = rng.choice(spots)
+    end = i + 1
+    while end < len(words) and words[end].isalpha() and words[end].lower() not in PREPOSITIONS:
+        end += 1
+    start = i - 1 if words[i - 1].lower() in ("is", "are", "while", "and") else i
+    if end < len(words) and not words[end].isalnum() and not words[start - 1].isalnum():
+        end += 1  # "jeans, wearing a helmet, pauses": one comma stays
+    cut_from = spans[start - 1][1] if start > 0 else 0  # keep the text up to the last kept token
+    cut_to = spans[end][0] if end < len(words) else len(sentence)
+    gap = "" if sentence[cut_to:cut_to + 1] in ("", ",", ".", ";", ":", "!", "?", ")") else " "
+    shorter = sentence[:cut_from] + gap + sentence[cut_to:]
+    return shorter if sum(w.isalpha() for w in tokens(shorter)) >= 3 else None
+
+
+def light_copy(sentence: str) -> str:
+    """The sentence with ``is``/``are`` before an ``-ing`` word removed (the same meaning)."""
+    words, spans = tokens(sentence), _spans(sentence)
+    for i in reversed(range(len(words) - 1)):
+        if words[i].lower() in ("is", "are") and words[i + 1].lower().endswith("ing"):
+            sentence = sentence[:spans[i][0]] + sentence[spans[i + 1][0]:]
+    return sentence
+
+
+def minimal_pairs(premises: Sequence[str], seed: int = 0,
+                  vocabulary: dict[str, list[str]] | None = None) -> tuple[list[tuple[str, str]], list[int]]:
+    """Labelled (sentence1, sentence2) minimal pairs of each distinct premise: a swap, a replacement and a drop
+    where the premise allows them, and one entailed copy (alternately the premise itself and its light copy)."""
+    rng = random.Random(seed)
+    vocabulary = content_vocabulary(premises) if vocabulary is None else vocabulary
+    pairs: list[tuple[str, str]] = []
+    labels: list[int] = []
+    for n, premise in enumerate(dict.fromkeys(premises)):
+        swapped, replaced, shorter = swap(premise, rng), replace(premise, vocabulary, rng), drop(premise, rng)
+        if swapped is not None:
+            pairs.append((premise, swapped))
+            labels.append(CONTRADICTION)
+        if replaced is not None:
+            pairs.append((premise, replaced))
+            labels.append(NEUTRAL)
+        if shorter is not None:
+            pairs.append((shorter, premise))
+            labels.append(NEUTRAL)
+        copy = light_copy(premise) if n % 2 else premise
+        pairs.append((premise, copy) if n % 4 < 2 else (copy, premise))
+        labels.append(ENTAILMENT)
+    return pairs, labels
