@@ -57,6 +57,24 @@ def test_meta_answers_are_flagged_and_paraphrases_are_not():
     assert check.failing([quoted], ['A sign saying "open" hangs in front of a store.']) == [False]
 
 
+def test_a_misspelt_merged_or_garbled_new_word_is_flagged_and_copied_rare_words_are_not():
+    from sempa_train.stages.quality import SpellingCheck
+
+    premise = "Seven people ride motorbikes past the Sol Septu stall."
+    candidates = ["Seven people ride motbikes past the Sol Septu stall.", "A militarywoman rides past a stall.",
+                  "Seven people are riding motorbikes past the Sol Septu stall.", "Seven riders pass a spigot."]
+    assert SpellingCheck().failing([premise] * 4, candidates) == [True, True, False, False]
+
+
+def test_a_number_the_premise_has_less_often_is_flagged():
+    from sempa_train.stages.quality import NumberCheck
+
+    premise = "Three people are standing on a pier between two boats."
+    candidates = ["Two people are standing on a pier between two boats.", "3 people stand on a pier.",
+                  "People stand on a pier between two boats.", "Three people stand between 2 boats."]
+    assert NumberCheck().failing([premise] * 4, candidates) == [True, True, False, True]
+
+
 def test_checks_run_in_order_on_survivors_and_name_the_first_failure():
     first, second = SetCheck("a", {"x"}), SetCheck("b", {"x", "y"})
     assert apply_checks([first, second], ["p"] * 3, ["x", "y", "z"]) == ["a", "b", None]

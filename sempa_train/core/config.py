@@ -237,8 +237,8 @@ class TrainConfig(StageConfig):
     ``learning_rate``, ``warmup_ratio``, ``lr_scheduler``, ``epochs``, ``max_steps``,
     ``batch_size``, ``gradient_accumulation_steps``, ``max_length``. Speed: ``precompute_ref_log_probs``,
     ``cache_ref_log_probs``, ``share_prompt``, ``gradient_checkpointing``. Checkpoint selection: ``eval_every``,
-    ``eval_senteval_dir``, ``eval_sts_split``, ``eval_sts_pairs``, ``eval_text_file``, ``eval_text_offset``,
-    ``eval_texts``, ``eval_paraphrases``, ``eval_template``, ``select_max_perplexity_ratio``,
+    ``eval_senteval_dir``, ``eval_sts_split``, ``eval_sts_pairs``, ``eval_sts_tasks``, ``eval_text_file``,
+    ``eval_text_offset``, ``eval_texts``, ``eval_paraphrases``, ``eval_template``, ``select_max_perplexity_ratio``,
     ``select_min_paraphrase_delta``, ``select_scales``. Output: ``save_merged``.
     Presets: ``paper`` (the paper's recipe, for GPUs) and ``cpu`` (small batches, precomputed and cached
     reference log-probs, bf16 only where the CPU has bf16 units).
@@ -285,10 +285,13 @@ class TrainConfig(StageConfig):
     logging_steps: int = option(1, "log every N steps")
     eval_every: int = option(0, "probe the policy every N steps (STS-B subset + held-out perplexity) and keep the "
                              "best step within select_max_perplexity_ratio as the adapter (0: off, keep the last)")
-    eval_senteval_dir: str | None = option(None, "SentEval data folder of the in-training STS-B probe")
+    eval_senteval_dir: str | None = option(None, "SentEval data folder of the in-training STS probe")
     eval_sts_split: str = option("train", "STS-B split of the probe; train keeps the dev scores you report free of "
                                  "the selection's bias", choices=("train", "dev"))
-    eval_sts_pairs: int = option(500, "STS-B pairs in the probe (a subset seeded with seed)")
+    eval_sts_pairs: int = option(500, "pairs of each probe task (a subset seeded with seed)")
+    eval_sts_tasks: tuple[str, ...] = option(("STSBenchmark",), "STS tasks of the probe (their eval_sts_split); "
+                                             "selection ranks steps by their mean Spearman, e.g. [STSBenchmark, "
+                                             "SICKRelatedness] to select for both reported tasks")
     eval_text_file: str = option("data/heldout_text.txt", "held-out text of the perplexity probe (.txt or NLI .jsonl); "
                                  "must be text no arm trains on")
     eval_texts: int = option(100, "held-out texts in the perplexity probe")
@@ -529,8 +532,8 @@ class RankConfig(StageConfig):
     ``scorer``, ``scorer_model``. Filters: ``min_length_ratio``, ``max_length_ratio``,
     ``drop_truncated``, ``min_margin``, ``contamination_dir`` + ``contamination_tasks``. Absolute checks
     of sampled candidates (``sempa_train.stages.quality``): ``drop_meta_answers``, ``language``,
-    ``min_fluency`` (with the policy's ``model`` and ``chat_template``), ``judge`` + ``min_entailment``,
-    ``min_chosen_score``.
+    ``drop_unknown_words``, ``drop_number_changes``, ``min_fluency`` (with the policy's ``model`` and
+    ``chat_template``), ``judge`` + ``min_entailment``, ``min_chosen_score``.
     """
 
     strategy: str = option("sampled", "gold: the paper's NLI pairs; sampled: best candidate as chosen; "
@@ -561,6 +564,11 @@ class RankConfig(StageConfig):
     language: str | None = option(None, "drop sampled candidates that py3langid confidently labels another "
                                   "language (>= 0.6) or that are more than 5 percent non-Latin letters, e.g. en; "
                                   "None: no check")
+    drop_unknown_words: bool = option(False, "drop sampled candidates with a word the premise lacks that "
+                                      "wordfreq's word list of the language (en unless set) does not know: a "
+                                      "misspelt, merged or garbled word")
+    drop_number_changes: bool = option(False, "drop sampled candidates with a number (digits or a number word) "
+                                       "more often than their premise has it ('Three people' became 'Two')")
     min_fluency: float | None = option(None, "drop sampled candidates whose mean token log-prob under the policy, "
                                        "as its answer to the paraphrase prompt, is below this (-3.0 drops word "
                                        "salad: 1 percent of SmolLM2's own candidates are below -2.41); None: no check")

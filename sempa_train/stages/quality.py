@@ -16,6 +16,14 @@ Each check here drops the candidates it fails, with its own reason counted in th
     an answer *about* the sentence instead of a paraphrase of it: a leading label or instruction
     ("Rearrange the sentence to …", "The sentence is …", "Sure, …"), quotation marks or a colon the premise
     does not have ("… a music group: Two men performing …"). Pure text rules, no model.
+``SpellingCheck`` (``candidate_unknown_word``)
+    a word the premise does not have and that wordfreq's English word list does not know (Zipf frequency
+    below ``min_zipf``): a misspelling ("motbikes"), a merged word ("Militarywoman"), a garbled one ("skIENTS").
+    wordfreq (its lists ship in the wheel: offline) rather than the fluency score, which one bad word in a
+    fluent sentence hardly moves. Words copied from the premise (names, rare nouns) are never checked.
+``NumberCheck`` (``candidate_changed_number``)
+    a number (digits or a number word) the candidate has more often than the premise: "Three people" that
+    became "Two people" beside a copied "two boats".
 ``FluencyCheck`` (``candidate_disfluent``)
     the mean token log-probability of the candidate as the policy's own answer to the paraphrase prompt
     (one forward pass): word salad is improbable under the model that wrote it.
@@ -29,6 +37,7 @@ import functools
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -109,6 +118,50 @@ class MetaAnswerCheck:
 
     def failing(self, premises: Sequence[str], candidates: Sequence[str]) -> list[bool]:
         return [self.is_meta(p, c) for p, c in zip(premises, candidates, strict=True)]
+
+
+_WORDS = re.compile(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*")
+NUMBER_WORDS = frozenset("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+                         "fifteen sixteen seventeen eighteen nineteen twenty thirty forty fifty hundred thousand "
+                         "dozen".split())
+
+
+def words(text: str) -> list[str]:
+    """The lower-cased words of ``text`` (hyphenated and apostrophe words kept whole)."""
+    return [w.lower() for w in _WORDS.findall(text)]
+
+
+class SpellingCheck:
+    """Fails candidates with a word that the premise lacks and English (wordfreq) does not know."""
+
+    reason = "candidate_unknown_word"
+
+    def __init__(self, language: str = "en", min_zipf: float = 1.0) -> None:
+        self.language = language
+        self.min_zipf = min_zipf
+
+    def unknown_words(self, premise: str, candidate: str) -> list[str]:
+        from wordfreq import zipf_frequency
+
+        known = set(words(premise))
+        return [w for w in words(candidate) if w not in known and not w.isdigit()
+                and zipf_frequency(w, self.language) < self.min_zipf]
+
+    def failing(self, premises: Sequence[str], candidates: Sequence[str]) -> list[bool]:
+        return [bool(self.unknown_words(p, c)) for p, c in zip(premises, candidates, strict=True)]
+
+
+class NumberCheck:
+    """Fails candidates with a number (digits or a number word) more often than their premise has it."""
+
+    reason = "candidate_changed_number"
+
+    @staticmethod
+    def numbers(text: str) -> Counter[str]:
+        return Counter(w for w in words(text) if w.isdigit() or w in NUMBER_WORDS)
+
+    def failing(self, premises: Sequence[str], candidates: Sequence[str]) -> list[bool]:
+        return [bool(self.numbers(c) - self.numbers(p)) for p, c in zip(premises, candidates, strict=True)]
 
 
 class FluencyCheck:

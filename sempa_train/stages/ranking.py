@@ -41,6 +41,8 @@ from sempa_train.stages.quality import (
     FluencyCheck,
     LanguageCheck,
     MetaAnswerCheck,
+    NumberCheck,
+    SpellingCheck,
     apply_checks,
     plot_quality,
 )
@@ -256,7 +258,8 @@ def quality_measures(ranked: Ranked, sampled: pl.Series) -> dict[str, Any]:
     return out
 
 
-CHECK_REASONS = ("candidate_meta_answer", "candidate_not_english", "candidate_disfluent", "candidate_not_entailed")
+CHECK_REASONS = ("candidate_meta_answer", "candidate_not_english", "candidate_unknown_word",
+                 "candidate_changed_number", "candidate_disfluent", "candidate_not_entailed")
 
 
 def build_checks(cfg: RankConfig) -> list[CandidateCheck]:
@@ -264,6 +267,10 @@ def build_checks(cfg: RankConfig) -> list[CandidateCheck]:
     checks: list[CandidateCheck] = [MetaAnswerCheck()] if cfg.drop_meta_answers else []
     if cfg.language is not None:
         checks.append(LanguageCheck(cfg.language))
+    if cfg.drop_unknown_words:
+        checks.append(SpellingCheck(cfg.language or "en"))
+    if cfg.drop_number_changes:
+        checks.append(NumberCheck())
     if cfg.min_fluency is not None:
         checks.append(FluencyCheck.load(cfg.model, template=cfg.template, min_logprob=cfg.min_fluency,
                                         chat_template=cfg.chat_template))
