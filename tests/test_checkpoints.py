@@ -140,3 +140,19 @@ def test_probes_can_skip_the_texts_the_final_retention_reads(tmp_path):
     probes = Probes.load(make_senteval(tmp_path / "s"), 4, text, 3, paraphrases=2, offset=5)
     assert probes.texts == ["Sentence number 5.", "Sentence number 6.", "Sentence number 7."]
     assert probes.paraphrase_sources == ("Sentence number 5.", "Sentence number 6.")
+
+
+def test_a_probe_of_two_tasks_scores_their_mean_spearman(tiny_model_dir, tmp_path):
+    from test_sts import make_senteval
+
+    from sempa_train.core.models import load_causal_lm
+    from sempa_train.stages.checkpoints import Probes, probe
+
+    senteval, text = make_senteval(tmp_path / "s"), tmp_path / "held.txt"
+    text.write_text("A first held-out sentence.\nA second one.\n")
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    both = Probes.load(senteval, 4, text, 2, tasks=("STSBenchmark", "SICKRelatedness"))
+    assert [s.task for s in both.sts] == ["STSBenchmark", "SICKRelatedness"] and both.sts[0].split == "train"
+    alone = [probe(model, tokenizer, Probes.load(senteval, 4, text, 2, tasks=(task,)))[0]
+             for task in ("STSBenchmark", "SICKRelatedness")]
+    assert probe(model, tokenizer, both)[0] == pytest.approx(sum(alone) / 2)

@@ -48,7 +48,7 @@ class NoPassingCheckpointError(RecordedFailure):
 class Probes:
     """The fixed inputs of every in-training probe."""
 
-    sts: STSSubset
+    sts: tuple[STSSubset, ...]  # the probe's STS score is the mean Spearman over these
     texts: list[str]
     paraphrase_sources: tuple[str, ...] = ()  # paraphrased greedily at each probe (empty: no paraphrase probe)
     template: str = "P1"
@@ -57,16 +57,20 @@ class Probes:
     @classmethod
     def load(cls, senteval_dir: str | Path, pairs: int, text_file: str | Path, texts: int, seed: int = 0,
              split: str = "train", paraphrases: int = 0, template: str = "P1", chat: bool = True,
-             offset: int = 0) -> Probes:
-        """A seeded subset of ``pairs`` STS-B pairs of ``split`` and the first ``texts`` held-out texts (of which
-        the first ``paraphrases`` are paraphrased at each probe), after skipping ``offset`` texts."""
-        dev = load_senteval_task(Path(senteval_dir), "STSBenchmark", split)[0]
+             offset: int = 0, tasks: Sequence[str] = ("STSBenchmark",)) -> Probes:
+        """A seeded subset of ``pairs`` pairs of each of ``tasks`` (their ``split``) and the first ``texts``
+        held-out texts (of which the first ``paraphrases`` are paraphrased at each probe), after skipping
+        ``offset`` texts."""
         rng = np.random.default_rng(seed)
-        idx = np.sort(rng.choice(len(dev), size=min(pairs, len(dev)), replace=False))
-        subset = STSSubset(task=dev.task, name=dev.name, split=dev.split, sent1=[dev.sent1[i] for i in idx],
-                           sent2=[dev.sent2[i] for i in idx], scores=dev.scores[idx])
+        subsets = []
+        for task in tasks:
+            full = load_senteval_task(Path(senteval_dir), task, split)[0]
+            idx = np.sort(rng.choice(len(full), size=min(pairs, len(full)), replace=False))
+            subsets.append(STSSubset(task=full.task, name=full.name, split=full.split,
+                                     sent1=[full.sent1[i] for i in idx], sent2=[full.sent2[i] for i in idx],
+                                     scores=full.scores[idx]))
         held_out = held_out_texts(text_file, offset + max(texts, paraphrases))[offset:]
-        return cls(sts=subset, texts=held_out[:texts], paraphrase_sources=tuple(held_out[:paraphrases]),
+        return cls(sts=tuple(subsets), texts=held_out[:texts], paraphrase_sources=tuple(held_out[:paraphrases]),
                    template=template, chat=chat)
 
 
@@ -93,17 +97,19 @@ def _similarity_encoder() -> Any:
 
 @torch.no_grad()
 def probe(model: Any, tokenizer: Any, probes: Probes, *, bf16: bool = False) -> tuple[float, float, float | None]:
-    """``(STS-B subset Spearman x 100, held-out perplexity, greedy-paraphrase similarity or None)`` of a causal LM
-    as it is now (adapter active)."""
+    """``(mean Spearman x 100 of the STS subsets, held-out perplexity, greedy-paraphrase similarity or None)`` of a
+    causal LM as it is now (adapter active)."""
     was_training = model.training
     model.eval()
     autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
     try:
         with autocast:
-            vectors = PromptEOLEncoder(model, tokenizer, show_progress=False).encode(probes.sts.sent1
-                                                                                      + probes.sts.sent2)
-            n = len(probes.sts)
-            sts = spearman100(cosine(vectors[:n], vectors[n:]), probes.sts.scores)
+            encoder = PromptEOLEncoder(model, tokenizer, show_progress=False)
+            scores = []
+            for subset in probes.sts:
+                vectors = encoder.encode(subset.sent1 + subset.sent2)
+                scores.append(spearman100(cosine(vectors[:len(subset)], vectors[len(subset):]), subset.scores))
+            sts = float(np.mean(scores))
             ppl = perplexity(model, tokenizer, probes.texts)
             similarity = None
             if probes.paraphrase_sources:
@@ -217,7 +223,7 @@ class CheckpointProbe(TrainerCallback):
         base = model.get_base_model()
         sts, ppl, para = probe(base, self.tokenizer, self.probes, bf16=self.bf16)
         self.results.append(ProbeResult(step, 1.0, sts, ppl, para))
-        log.info("train: step %d: STS-B probe %.2f, held-out perplexity %.2f%s", step, sts, ppl,
+        log.info("train: step %d: STS probe %.2f, held-out perplexity %.2f%s", step, sts, ppl,
                  "" if para is None else f", paraphrase similarity {para:.3f}")
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -238,7 +244,7 @@ class CheckpointProbe(TrainerCallback):
             with lora_scaled(model, scale):
                 sts, ppl, para = probe(model.get_base_model(), self.tokenizer, self.probes, bf16=self.bf16)
             self.results.append(ProbeResult(step, scale, sts, ppl, para))
-            log.info("train: step %d at scale %.2f: STS-B probe %.2f, perplexity %.2f%s", step, scale, sts, ppl,
+            log.info("train: step %d at scale %.2f: STS probe %.2f, perplexity %.2f%s", step, scale, sts, ppl,
                      "" if para is None else f", paraphrase similarity {para:.3f}")
 
 

@@ -105,7 +105,7 @@ def plot_training(log_file: Path, path: Path) -> bool:
 
 
 def plot_checkpoints(probes_file: Path, path: Path) -> bool:
-    """STS-B probe, perplexity ratio and (when probed) greedy-paraphrase similarity change of every probed step
+    """STS probe, perplexity ratio and (when probed) greedy-paraphrase similarity change of every probed step
     (scale 1), and each probed scale of the best-STS step, with the selection gates; the model's ``metrics.json``
     names the selected step and scale."""
     rows = [json.loads(line) for line in probes_file.read_text().splitlines() if line.strip()]
@@ -117,7 +117,9 @@ def plot_checkpoints(probes_file: Path, path: Path) -> bool:
     config_file = probes_file.with_name("config.json")
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     split = config.get("eval_sts_split", "dev")
-    panels = [("sts_spearman", f"STS-B {split} subset (Spearman x 100)", None, "tab:blue"),
+    tasks = "+".join(t.replace("Benchmark", "-B").replace("Relatedness", "") for t in
+                     config.get("eval_sts_tasks", ["STSBenchmark"]))
+    panels = [("sts_spearman", f"{tasks} {split} subsets (mean Spearman x 100)", None, "tab:blue"),
               ("perplexity_ratio", "held-out perplexity / base", config.get("select_max_perplexity_ratio"),
                "tab:red")]
     if any(r.get("paraphrase_delta") is not None for r in rows):

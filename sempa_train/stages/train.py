@@ -157,7 +157,7 @@ def _checkpoint_probe(cfg: TrainConfig, tokenizer: Any, checkpoint_dir: Path, bf
         raise ValueError("eval_every (checkpoint selection) runs in a single process; launch without accelerate")
     probes = Probes.load(cfg.eval_senteval_dir, cfg.eval_sts_pairs, cfg.eval_text_file, cfg.eval_texts, cfg.seed,
                          cfg.eval_sts_split, paraphrases=cfg.eval_paraphrases, template=cfg.eval_template, chat=chat,
-                         offset=cfg.eval_text_offset)
+                         offset=cfg.eval_text_offset, tasks=cfg.eval_sts_tasks)
     return CheckpointProbe(tokenizer, probes, cfg.eval_every, checkpoint_dir, bf16=bf16)
 
 
@@ -229,7 +229,7 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
                            selected_sts_spearman=chosen.sts_spearman,
                            selected_perplexity_ratio=chosen.perplexity_ratio,
                            selected_paraphrase_delta=chosen.paraphrase_delta)
-            log.info("train: selected step %d at scale %.2f (STS-B probe %.2f, perplexity ratio %.3f)",
+            log.info("train: selected step %d at scale %.2f (STS probe %.2f, perplexity ratio %.3f)",
                      chosen.step, chosen.scale, chosen.sts_spearman, chosen.perplexity_ratio)
         if state.is_main_process:
             tokenizer.save_pretrained(tmp / "adapter")
