@@ -59,3 +59,7 @@ def test_minimal_pairs_label_each_edit_and_put_the_shorter_sentence_first():
     shorter = [(a, b) for a, b in by_label[NEUTRAL] if len(a) < len(b)]
     assert ("A boy in a hallway.", "A boy is bowling in a hallway.") in shorter
     assert minimal_pairs([PREMISE], seed=1) == minimal_pairs([PREMISE], seed=1)
+
+
+def test_a_drop_at_the_start_leaves_no_dangling_comma():
+    assert drop("While running fast, the boy smiles at a dog.", random.Random(0)) == "the boy smiles at a dog."

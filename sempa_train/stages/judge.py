@@ -107,19 +107,20 @@ def build_judge(sick_train: Path, out: Path | None = None, *, base: str = "all-m
         raise FileExistsError(f"{out} already exists; pass --overwrite to build the judge again")
     pairs, labels = read_sick(sick_train)
     excluded = _excluded_premises(exclude)
-    snli_used = 0
+    snli_premises: list[str] = []  # of the SNLI-dev pairs used, in order
     if snli_dev is not None:
         dev_pairs, dev_labels = read_snli(Path(snli_dev))
         for pair, label in zip(dev_pairs, dev_labels, strict=True):
             if pair[0] not in excluded:
                 pairs.append(pair)
                 labels.append(label)
-                snli_used += 1
+                snli_premises.append(pair[0])
+    snli_used = len(snli_premises)
     minimal_used = 0
     if with_minimal_pairs:
         if snli_dev is None:
             raise ValueError("minimal pairs are built from the SNLI-dev premises: pass snli_dev (--snli-dev) too")
-        extra_pairs, extra_labels = minimal_pairs([p for p, _ in pairs[len(pairs) - snli_used:]], seed=seed)
+        extra_pairs, extra_labels = minimal_pairs(snli_premises, seed=seed)
         pairs += extra_pairs
         labels += extra_labels
         minimal_used = len(extra_pairs)

@@ -123,11 +123,11 @@ def drop(sentence: str, rng: random.Random) -> str | None:
     while end < len(words) and words[end].isalpha() and words[end].lower() not in PREPOSITIONS:
         end += 1
     start = i - 1 if words[i - 1].lower() in ("is", "are", "while", "and") else i
-    if end < len(words) and not words[end].isalnum() and not words[start - 1].isalnum():
-        end += 1  # "jeans, wearing a helmet, pauses": one comma stays
+    if end < len(words) and not words[end].isalnum() and (start == 0 or not words[start - 1].isalnum()):
+        end += 1  # "jeans, wearing a helmet, pauses": one comma stays; none at the start
     cut_from = spans[start - 1][1] if start > 0 else 0  # keep the text up to the last kept token
     cut_to = spans[end][0] if end < len(words) else len(sentence)
-    gap = "" if sentence[cut_to:cut_to + 1] in ("", ",", ".", ";", ":", "!", "?", ")") else " "
+    gap = "" if cut_from == 0 or sentence[cut_to:cut_to + 1] in ("", ",", ".", ";", ":", "!", "?", ")") else " "
     shorter = sentence[:cut_from] + gap + sentence[cut_to:]
     return shorter if sum(w.isalpha() for w in tokens(shorter)) >= 3 else None
 
