@@ -228,3 +228,10 @@ def test_a_missing_judge_says_how_to_build_it_and_a_built_one_is_reused(tmp_path
     assert record["train"]["minimal_pairs"] == len(minimal_pairs([P1])[0]) >= 2  # P1's only: P2 is excluded
     assert record["train"]["pairs"] == 19 + record["train"]["minimal_pairs"]
     assert "minimal pairs of those premises" in record["split"]
+
+    # assessed on an SNLI-format file: 3-class accuracy and the minimal pairs of its premises
+    from sempa_train.stages.judge import assess_judge
+
+    assessed = assess_judge(NLIJudge.load(str(tmp_path / "judge3")), dev)
+    assert assessed["snli_test"]["pairs"] == 3 and 0 <= assessed["snli_test"]["accuracy"] <= 1
+    assert assessed["snli_test_minimal_pairs"]["pairs"] == len(minimal_pairs([P1, P2])[0])

@@ -1,6 +1,6 @@
 """Text the pipeline writes and reads back: the paraphrase prompt, candidate cleaning, comparison form.
 
-Pure functions, shared by sampling, ranking and the retention probes.
+Pure functions, shared by sampling, ranking, the judge's minimal pairs and the retention probes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,12 @@ from sempa_train.core.templates import PLAIN_SEPARATOR, fill
 
 _NON_WORD = re.compile(r"[^\w\s']+")
 _SPACES = re.compile(r"\s+")
+WORD = re.compile(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*")  # a word; hyphenated and apostrophe words kept whole
+
+
+def words(text: str) -> list[str]:
+    """The lower-cased words of ``text`` (``WORD``): what the word-level candidate checks compare."""
+    return [w.lower() for w in WORD.findall(text)]
 
 
 def normalize_text(text: str) -> str:

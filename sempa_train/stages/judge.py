@@ -157,15 +157,20 @@ def build_judge(sick_train: Path, out: Path | None = None, *, base: str = "all-m
             "excluded_premises_sha256": text_id(*sorted(excluded)) if excluded else None,
         }
         if snli_test is not None:
-            test_pairs, test_labels = read_snli(Path(snli_test))
-            predicted = NLIJudge(model).probabilities(test_pairs).argmax(1)
-            record["snli_test"] = {"data": str(snli_test), "pairs": len(test_pairs),
-                                   "accuracy": round(float((predicted == np.asarray(test_labels)).mean()), 4)}
-            record["snli_test_minimal_pairs"] = minimal_pair_accuracy(NLIJudge(model),
-                                                                      [p for p, _ in test_pairs])
+            record.update(assess_judge(NLIJudge(model), Path(snli_test)))
         write_json(tmp / "judge.json", record)
     log.info("judge: built %s (%s)", out, record.get("snli_test", {}))
     return record
+
+
+def assess_judge(judge: NLIJudge, snli_test: Path) -> dict[str, Any]:
+    """``judge`` on held-out SNLI test: its 3-class accuracy (``snli_test``) and how it judges the minimal pairs of
+    the test premises (``snli_test_minimal_pairs``, ``minimal_pair_accuracy``)."""
+    pairs, labels = read_snli(snli_test)
+    predicted = judge.probabilities(pairs).argmax(1)
+    return {"snli_test": {"data": str(snli_test), "pairs": len(pairs),
+                          "accuracy": round(float((predicted == np.asarray(labels)).mean()), 4)},
+            "snli_test_minimal_pairs": minimal_pair_accuracy(judge, [p for p, _ in pairs])}
 
 
 def minimal_pair_accuracy(judge: NLIJudge, premises: Sequence[str], seed: int = 0) -> dict[str, Any]:

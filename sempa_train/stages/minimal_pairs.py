@@ -30,6 +30,8 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
+from sempa_train.core.text import WORD
+
 ENTAILMENT, NEUTRAL, CONTRADICTION = 0, 1, 2
 
 _GROUPS = (
@@ -56,7 +58,7 @@ about around through across along against between among during after before""".s
 PREPOSITIONS = frozenset("in on at to from by with for into onto over under near behind through across along "
                          "while and as".split())
 _ADJECTIVE_CONTEXT = frozenset("a an the of some two three four several many".split())
-_WORD = re.compile(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*|\S")
+_WORD = re.compile(WORD.pattern + r"|\S")  # a word (the candidate checks' definition) or a punctuation mark
 
 
 def tokens(sentence: str) -> list[str]:

@@ -47,7 +47,7 @@ import torch
 
 from sempa_train.core.models import left_pad, load_causal_lm, resolve_dtype, use_chat_template
 from sempa_train.core.templates import resolve_template
-from sempa_train.core.text import paraphrase_prompt
+from sempa_train.core.text import paraphrase_prompt, words
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +120,9 @@ class MetaAnswerCheck:
         return [self.is_meta(p, c) for p, c in zip(premises, candidates, strict=True)]
 
 
-_WORDS = re.compile(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*")
 NUMBER_WORDS = frozenset("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
                          "fifteen sixteen seventeen eighteen nineteen twenty thirty forty fifty hundred thousand "
                          "dozen".split())
-
-
-def words(text: str) -> list[str]:
-    """The lower-cased words of ``text`` (hyphenated and apostrophe words kept whole)."""
-    return [w.lower() for w in _WORDS.findall(text)]
 
 
 class SpellingCheck:

@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 from common import save
 
-from sempa_train.stages.judge import NLIJudge, minimal_pair_accuracy, read_snli
+from sempa_train.stages.judge import NLIJudge, assess_judge
 
 
 def main() -> None:
@@ -26,14 +25,12 @@ def main() -> None:
     parser.add_argument("judges", nargs="+", help="judge names or folders")
     parser.add_argument("--snli-test", type=Path, default=Path("../shared/data/nli/snli/test.jsonl"))
     args = parser.parse_args()
-    pairs, labels = read_snli(args.snli_test)
-    premises = [p for p, _ in pairs]
     results = {}
     for name in args.judges:
-        judge = NLIJudge.load(name)
-        predicted = judge.probabilities(pairs).argmax(1)
-        results[name] = {"snli_test_accuracy": round(float((predicted == np.asarray(labels)).mean()), 4),
-                         "snli_test_pairs": len(pairs), "minimal_pairs": minimal_pair_accuracy(judge, premises)}
+        assessed = assess_judge(NLIJudge.load(name), args.snli_test)
+        results[name] = {"snli_test_accuracy": assessed["snli_test"]["accuracy"],
+                         "snli_test_pairs": assessed["snli_test"]["pairs"],
+                         "minimal_pairs": assessed["snli_test_minimal_pairs"]}
         print(name, results[name], flush=True)
     save("judge_accuracy", {"snli_test": str(args.snli_test), "judges": results})
 
