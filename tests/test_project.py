@@ -54,4 +54,4 @@ def test_the_quick_recipe_is_the_full_recipe_at_a_smaller_budget():
     differs = {(section, name) for section in quick for name in quick[section]
                if quick[section][name] != full[section][name]}
     assert differs == {("prepare", "max_premises"), ("sample", "shard_size"), ("train", "max_steps"),
-                       ("train", "select_scales"), ("eval", "adapter_scale")}
+                       ("train", "select_scales")}
