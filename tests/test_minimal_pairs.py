@@ -12,9 +12,12 @@ from sempa_train.stages.minimal_pairs import (
     SWAPS,
     content_vocabulary,
     drop,
+    insert,
     light_copy,
     minimal_pairs,
+    preposition,
     replace,
+    singular,
     swap,
     tokens,
 )
@@ -63,3 +66,27 @@ def test_minimal_pairs_label_each_edit_and_put_the_shorter_sentence_first():
 
 def test_a_drop_at_the_start_leaves_no_dangling_comma():
     assert drop("While running fast, the boy smiles at a dog.", random.Random(0)) == "the boy smiles at a dog."
+
+
+def test_a_singular_fixes_its_determiner_and_verb_and_needs_a_known_singular():
+    known = {"dog", "mountain", "glasse", "instrument"}
+    assert singular("Two dogs are running.", known, random.Random(0)) == "A dog is running."
+    assert singular("The dogs are running.", known, random.Random(0)) == "The dog is running."
+    assert singular("A hiker high in mountains.", known, random.Random(0)) == "A hiker high in a mountain."
+    assert singular("He plays with instruments.", known, random.Random(0)) == "He plays with an instrument."
+    assert singular("A man with glasses.", known, random.Random(0)) is None  # plural only
+    assert singular("Two cats are running.", known, random.Random(0)) is None  # "cat" not known
+
+
+def test_a_preposition_change_and_an_inserted_adjective_change_one_spot():
+    for seed in range(10):
+        [(old, new)] = changed_words(PREMISE, preposition(PREMISE, random.Random(seed)))
+        assert old in ("in", "on") and new != old
+    assert preposition("A cat naps in it.", random.Random(0)) is None  # no article after the preposition
+    for seed in range(10):
+        inserted = insert("A woman walks a dog on the beach.", {"": ["woman", "beach"]}, random.Random(seed))
+        added = [w for w in tokens(inserted) if w.lower() not in {"a", "an", "woman", "walks", "dog", "on", "the",
+                                                                   "beach", "."}]
+        assert len(added) == 1 and len(tokens(inserted)) == 10
+        article = tokens(inserted)[tokens(inserted).index(added[0]) - 1]
+        assert article.lower() in ("the", "an" if added[0][0] in "aeiou" else "a")

@@ -15,11 +15,21 @@ These rules write that kind of pair from plain premises, with the label NLI give
 ``drop`` (neutral, shorter sentence first)
     an ``-ing`` word with the words after it up to the next preposition or comma removed: the shorter
     sentence does not entail the longer one (an action dropped or, read backwards, content added).
+``singular`` (neutral)
+    a plural noun made singular with its determiner and verb: "two dogs are running" against "a dog is
+    running", "the mountains" against "the mountain".
+``preposition`` (neutral)
+    a preposition of place before an article replaced by another: "in front of the crosswalk" against "on
+    the crosswalk" is the kind, "a man in the street" against "a man near the street" the rule.
+``insert`` (neutral, premise first)
+    an adjective added after an article, the article fixed for it: "a woman" against "a young woman".
 ``copy`` (entailment)
     the premise itself, and the premise with ``is``/``are`` before an ``-ing`` word removed, so the judge
     does not learn that every edit breaks entailment.
 
-The vocabulary of ``replace`` comes from the premises given (words seen at least ``min_count`` times), so
+A premise gets at most one of ``singular``, ``preposition`` and ``insert`` (the kinds reading 3 found),
+so the judge does not see many more changed pairs than entailed copies. The vocabulary of ``replace``
+comes from the premises given (words seen at least ``min_count`` times), so
 pairs built from the judge's own training premises never read an experiment's.
 """
 
@@ -58,6 +68,13 @@ about around through across along against between among during after before""".s
 PREPOSITIONS = frozenset("in on at to from by with for into onto over under near behind through across along "
                          "while and as".split())
 _ADJECTIVE_CONTEXT = frozenset("a an the of some two three four several many".split())
+PLACE_PREPOSITIONS = ("in", "on", "near", "behind", "under", "beside", "inside", "across", "above")
+_PLURAL_DETERMINERS = {"two": "a", "three": "a", "four": "a", "several": "a", "many": "a", "some": "a",
+                       "the": "the", "these": "this", "those": "that"}
+_PLURAL_ONLY = frozenset("jeans pants glasses sunglasses shorts clothes trousers scissors goggles stairs others"
+                         .split())
+_SINGULAR_VERBS = {"are": "is", "were": "was", "have": "has"}
+ADJECTIVES = ("young", "old", "small", "large", "tall", "happy", "smiling", "angry", "little", "older")
 _WORD = re.compile(WORD.pattern + r"|\S")  # a word (the candidate checks' definition) or a punctuation mark
 
 
@@ -134,6 +151,58 @@ def drop(sentence: str, rng: random.Random) -> str | None:
     return shorter if sum(w.isalpha() for w in tokens(shorter)) >= 3 else None
 
 
+def _article(word: str, like: str) -> str:
+    """``a`` or ``an`` for ``word``, in the case of ``like``."""
+    return _recase("an" if word[:1].lower() in "aeiou" else "a", like)
+
+
+def singular(sentence: str, known: set[str], rng: random.Random) -> str | None:
+    """A plural noun after a determiner or a preposition made singular, with its determiner (or a new article)
+    and a following is/are; the singular must be a word of the premises (``known``), so "glasses" never
+    becomes "glasse"."""
+    words, spans = tokens(sentence), _spans(sentence)
+    before = set(_PLURAL_DETERMINERS) | (PREPOSITIONS - {"and", "as", "while"})
+    spots = [i for i in range(1, len(words)) if words[i].lower().endswith("s") and len(words[i]) > 3
+             and words[i].lower()[:-1] in known and words[i].lower() not in _PLURAL_ONLY
+             and words[i - 1].lower() in before]
+    if not spots:
+        return None
+    i = rng.choice(spots)
+    noun = words[i][:-1]
+    if i + 1 < len(words) and words[i + 1].lower() in _SINGULAR_VERBS:
+        sentence = _substitute(sentence, spans[i + 1], _SINGULAR_VERBS[words[i + 1].lower()])
+    determiner = _PLURAL_DETERMINERS.get(words[i - 1].lower())
+    if determiner is None:  # "with guns": an article before the noun
+        return sentence[:spans[i][0]] + _article(noun, "a") + " " + noun + sentence[spans[i][1]:]
+    sentence = _substitute(sentence, spans[i], noun)
+    return _substitute(sentence, spans[i - 1], _article(noun, "a") if determiner == "a" else determiner)
+
+
+def preposition(sentence: str, rng: random.Random) -> str | None:
+    """A preposition of place followed by an article replaced by another one (None: the sentence has none)."""
+    words, spans = tokens(sentence), _spans(sentence)
+    spots = [i for i in range(1, len(words) - 1) if words[i].lower() in PLACE_PREPOSITIONS
+             and words[i + 1].lower() in ("a", "an", "the")]
+    if not spots:
+        return None
+    i = rng.choice(spots)
+    return _substitute(sentence, spans[i], rng.choice([p for p in PLACE_PREPOSITIONS if p != words[i].lower()]))
+
+
+def insert(sentence: str, vocabulary: dict[str, list[str]], rng: random.Random) -> str | None:
+    """An adjective added between an article and a frequent noun of the premises (None: no such noun)."""
+    words, spans = tokens(sentence), _spans(sentence)
+    nouns = set(vocabulary.get("", ()))
+    spots = [i for i in range(len(words) - 1) if words[i].lower() in ("a", "an", "the")
+             and words[i + 1].lower() in nouns]
+    if not spots:
+        return None
+    i = rng.choice(spots)
+    adjective = rng.choice([a for a in ADJECTIVES if a not in {w.lower() for w in words}])
+    article = words[i] if words[i].lower() == "the" else _article(adjective, words[i])
+    return sentence[:spans[i][0]] + article + " " + adjective + sentence[spans[i][1]:]
+
+
 def light_copy(sentence: str) -> str:
     """The sentence with ``is``/``are`` before an ``-ing`` word removed (the same meaning)."""
     words, spans = tokens(sentence), _spans(sentence)
@@ -146,9 +215,11 @@ def light_copy(sentence: str) -> str:
 def minimal_pairs(premises: Sequence[str], seed: int = 0,
                   vocabulary: dict[str, list[str]] | None = None) -> tuple[list[tuple[str, str]], list[int]]:
     """Labelled (sentence1, sentence2) minimal pairs of each distinct premise: a swap, a replacement and a drop
-    where the premise allows them, and one entailed copy (alternately the premise itself and its light copy)."""
+    where the premise allows them, one of a singular, a preposition change and an inserted adjective, and one
+    entailed copy (alternately the premise itself and its light copy)."""
     rng = random.Random(seed)
     vocabulary = content_vocabulary(premises) if vocabulary is None else vocabulary
+    known = {w.lower() for p in premises for w in tokens(p)}
     pairs: list[tuple[str, str]] = []
     labels: list[int] = []
     for n, premise in enumerate(dict.fromkeys(premises)):
@@ -161,6 +232,11 @@ def minimal_pairs(premises: Sequence[str], seed: int = 0,
             labels.append(NEUTRAL)
         if shorter is not None:
             pairs.append((shorter, premise))
+            labels.append(NEUTRAL)
+        detail = [edited for edited in (singular(premise, known, rng), preposition(premise, rng),
+                                        insert(premise, vocabulary, rng)) if edited is not None]
+        if detail:
+            pairs.append((premise, rng.choice(detail)))
             labels.append(NEUTRAL)
         copy = light_copy(premise) if n % 2 else premise
         pairs.append((premise, copy) if n % 4 < 2 else (copy, premise))
