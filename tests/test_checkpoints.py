@@ -43,6 +43,20 @@ def test_selection_gates_on_paraphrase_similarity():
     assert (select(results, gate).step, select(results, gate).scale) == (20, 0.5)
 
 
+def test_a_scaled_update_must_beat_the_unscaled_one_by_the_margin():
+    gate = SelectionGate(max_perplexity_ratio=1.05)
+    results = judge([ProbeResult(0, 1.0, 70.0, 100.0), ProbeResult(10, 1.0, 72.0, 101.0),
+                     ProbeResult(20, 1.0, 74.0, 102.0), ProbeResult(20, 0.5, 74.3, 101.0),
+                     ProbeResult(20, 1.5, 74.4, 104.0)], gate)
+    assert (select(results, gate).step, select(results, gate).scale) == (20, 1.5)  # no margin: the best probe
+    assert (select(results, gate, 0.5).step, select(results, gate, 0.5).scale) == (20, 1.0)  # a tie: as trained
+    assert select(results, gate, 0.3).scale == 1.5  # 0.4 above the unscaled step: beyond a margin of 0.3
+    # the unscaled step fails the gate: the margin compares with the best unscaled step that passes (step 10)
+    failing = judge([ProbeResult(0, 1.0, 70.0, 100.0), ProbeResult(10, 1.0, 72.0, 101.0),
+                     ProbeResult(20, 1.0, 74.0, 110.0), ProbeResult(20, 0.5, 73.0, 102.0)], gate)
+    assert select(failing, gate, 0.5).scale == 0.5 and select(failing, gate, 1.5).step == 10
+
+
 def test_selection_refuses_when_every_checkpoint_fails():
     gate = SelectionGate(max_perplexity_ratio=1.05)
     results = judge([ProbeResult(0, 1.0, 70.0, 100.0), ProbeResult(10, 1.0, 72.0, 108.0),

@@ -239,7 +239,7 @@ class TrainConfig(StageConfig):
     ``cache_ref_log_probs``, ``share_prompt``, ``gradient_checkpointing``. Checkpoint selection: ``eval_every``,
     ``eval_senteval_dir``, ``eval_sts_split``, ``eval_sts_pairs``, ``eval_sts_tasks``, ``eval_text_file``,
     ``eval_text_offset``, ``eval_texts``, ``eval_paraphrases``, ``eval_template``, ``select_max_perplexity_ratio``,
-    ``select_min_paraphrase_delta``, ``select_scales``. Output: ``save_merged``.
+    ``select_min_paraphrase_delta``, ``select_scales``, ``select_scale_margin``. Output: ``save_merged``.
     Presets: ``paper`` (the paper's recipe, for GPUs) and ``cpu`` (small batches, precomputed and cached
     reference log-probs, bf16 only where the CPU has bf16 units).
     """
@@ -308,6 +308,10 @@ class TrainConfig(StageConfig):
         "(None: no gate)")
     select_scales: tuple[float, ...] = option((), "after training, also probe the best-STS step's LoRA update scaled "
                                               "by these factors (e.g. 0.25,0.5,0.75); the best passing probe wins")
+    select_scale_margin: float = option(
+        0.0, "a scaled update wins over the best passing unscaled step only when its STS probe is higher by more "
+        "than this many Spearman points: the probe's sampling noise (tests/benchmarks/probe_noise.py measures "
+        "it), so a tie keeps the update as trained; 0: the best probe wins")
     seed: int = option(0, "training seed")
     save_merged: bool = option(False, "also save base+adapter merged into a plain model folder")
 
@@ -344,6 +348,7 @@ class TrainConfig(StageConfig):
         _check_positive("eval_text_offset", self.eval_text_offset, allow_zero=True)
         if any(not 0 <= s <= 2 for s in self.select_scales):
             raise ValueError(f"select_scales must lie in [0, 2], got {list(self.select_scales)}")
+        _check_positive("select_scale_margin", self.select_scale_margin, allow_zero=True)
         if self.select_scales and not self.eval_every:
             raise ValueError("select_scales needs eval_every (the probes that judge each scale)")
         if self.max_steps == 0 or self.max_steps < -1:

@@ -190,8 +190,9 @@ def judge(results: Sequence[ProbeResult], gate: SelectionGate) -> list[ProbeResu
     return out
 
 
-def select(results: Sequence[ProbeResult], gate: SelectionGate) -> ProbeResult:
-    """The trained checkpoint with the best STS among those that pass ``gate``."""
+def select(results: Sequence[ProbeResult], gate: SelectionGate, scale_margin: float = 0.0) -> ProbeResult:
+    """The trained checkpoint with the best STS among those that pass ``gate``; a scaled update is taken over the
+    best passing unscaled one only when its STS beats it by more than ``scale_margin`` (the probe's noise)."""
     candidates = [r for r in results if r.step > 0 and r.passed]
     if not candidates:
         tried = [r for r in results if r.step > 0]
@@ -204,7 +205,20 @@ def select(results: Sequence[ProbeResult], gate: SelectionGate) -> ProbeResult:
             f"no checkpoint passed the gate {gate}{detail}: lower the learning rate, probe earlier steps "
             "(eval_every), add scales below 1 (select_scales), or loosen select_max_perplexity_ratio / "
             "select_min_paraphrase_delta")
-    return max(candidates, key=lambda r: (r.sts_spearman, -r.step, r.scale))
+
+    def rank(r: ProbeResult) -> tuple[float, int, float]:
+        return r.sts_spearman, -r.step, r.scale
+
+    best = max(candidates, key=rank)
+    unscaled = [r for r in candidates if r.scale == 1.0]
+    if best.scale != 1.0 and unscaled:
+        best_unscaled = max(unscaled, key=rank)
+        if best.sts_spearman - best_unscaled.sts_spearman <= scale_margin:
+            log.info("train: step %d x%g beats step %d as trained by %.2f on the STS probe, within the margin %g: "
+                     "keeping step %d as trained", best.step, best.scale, best_unscaled.step,
+                     best.sts_spearman - best_unscaled.sts_spearman, scale_margin, best_unscaled.step)
+            return best_unscaled
+    return best
 
 
 class CheckpointProbe(TrainerCallback):
@@ -249,7 +263,7 @@ class CheckpointProbe(TrainerCallback):
 
 
 def select_and_install(callback: CheckpointProbe, model: Any, out_dir: Path, *, gate: SelectionGate,
-                       scales: Sequence[float]) -> tuple[ProbeResult, list[dict[str, Any]]]:
+                       scales: Sequence[float], scale_margin: float = 0.0) -> tuple[ProbeResult, list[dict[str, Any]]]:
     """Probe the adapter of the best-STS step at ``scales`` (whether or not that step passed the gate: scaling the
     update down is how a step that moved too far can come back within it), pick the best passing probe of all, and
     write its adapter to ``out_dir/adapter`` (scaled when a scale other than 1 won) and load it into ``model``.
@@ -263,7 +277,7 @@ def select_and_install(callback: CheckpointProbe, model: Any, out_dir: Path, *, 
         set_peft_model_state_dict(model, state)
         callback.probe_scales(model, best.step, scales)
     results = judge(callback.results, gate)
-    chosen = select(results, gate)
+    chosen = select(results, gate, scale_margin)
     adapter = write_scaled_adapter(callback.checkpoint_dir / f"step-{chosen.step}", Path(out_dir) / "adapter",
                                    chosen.scale)
     set_peft_model_state_dict(model, load_file(adapter / "adapter_model.safetensors"))  # the model = the choice

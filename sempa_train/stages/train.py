@@ -223,7 +223,8 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
             trainer.save_model(str(tmp / "adapter"))  # collective under DeepSpeed; writes on the main process
         else:
             gate = SelectionGate(cfg.select_max_perplexity_ratio, cfg.select_min_paraphrase_delta)
-            chosen, probes = select_and_install(checkpoints, trainer.model, tmp, scales=cfg.select_scales, gate=gate)
+            chosen, probes = select_and_install(checkpoints, trainer.model, tmp, scales=cfg.select_scales, gate=gate,
+                                                scale_margin=cfg.select_scale_margin)
             write_text(tmp / "checkpoints.jsonl", "".join(json.dumps(p) + "\n" for p in probes))
             metrics.update(selected_step=chosen.step, selected_scale=chosen.scale,
                            selected_sts_spearman=chosen.sts_spearman,
