@@ -265,9 +265,10 @@ class CheckpointProbe(TrainerCallback):
 def select_and_install(callback: CheckpointProbe, model: Any, out_dir: Path, *, gate: SelectionGate,
                        scales: Sequence[float], scale_margin: float = 0.0) -> tuple[ProbeResult, list[dict[str, Any]]]:
     """Probe the adapter of the best-STS step at ``scales`` (whether or not that step passed the gate: scaling the
-    update down is how a step that moved too far can come back within it), pick the best passing probe of all, and
-    write its adapter to ``out_dir/adapter`` (scaled when a scale other than 1 won) and load it into ``model``.
-    Returns the choice and every probe as dicts; raises ``NoPassingCheckpointError`` when no probe passed."""
+    update down is how a step that moved too far can come back within it), pick the best passing probe of all (a
+    scaled one only beyond ``scale_margin``, see ``select``), and write its adapter to ``out_dir/adapter`` (scaled
+    when a scale other than 1 won) and load it into ``model``. Returns the choice and every probe as dicts; raises
+    ``NoPassingCheckpointError`` when no probe passed."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
