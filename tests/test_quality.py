@@ -73,6 +73,12 @@ def test_a_number_the_premise_has_less_often_is_flagged():
     candidates = ["Two people are standing on a pier between two boats.", "3 people stand on a pier.",
                   "People stand on a pier between two boats.", "Three people stand between 2 boats."]
     assert NumberCheck().failing([premise] * 4, candidates) == [True, True, False, True]
+    # a word made singular or plural changes how many there are too; other new words do not
+    premise = "A lady holds a piece of paper in her hands near the glasses."
+    candidates = ["A lady holds paper in her hand near the glasses.", "A lady holds a piece of paper in her hands "
+                  "near the glass.", "A woman holds a sheet of paper in her hands near the glasses.",
+                  "A lady holding a piece of paper in her hands, near glasses."]
+    assert NumberCheck().failing([premise] * 4, candidates) == [True, True, False, False]
 
 
 def test_checks_run_in_order_on_survivors_and_name_the_first_failure():

@@ -573,7 +573,8 @@ class RankConfig(StageConfig):
                                       "wordfreq's word list of the language (en unless set) does not know: a "
                                       "misspelt, merged or garbled word")
     drop_number_changes: bool = option(False, "drop sampled candidates with a number (digits or a number word) "
-                                       "more often than their premise has it ('Three people' became 'Two')")
+                                       "more often than their premise has it ('Three people' became 'Two'), or "
+                                       "with a premise word made singular or plural ('hands' became 'hand')")
     min_fluency: float | None = option(None, "drop sampled candidates whose mean token log-prob under the policy, "
                                        "as its answer to the paraphrase prompt, is below this (-3.0 drops word "
                                        "salad: 1 percent of SmolLM2's own candidates are below -2.41); None: no check")

@@ -146,7 +146,9 @@ class SpellingCheck:
 
 
 class NumberCheck:
-    """Fails candidates with a number (digits or a number word) more often than their premise has it."""
+    """Fails candidates with a number (digits or a number word) more often than their premise has it, or with a
+    premise word made singular or plural ("in her hands" became "in her hand", "chairs" became "a chair"):
+    both change how many of something there are."""
 
     reason = "candidate_changed_number"
 
@@ -154,8 +156,21 @@ class NumberCheck:
     def numbers(text: str) -> Counter[str]:
         return Counter(w for w in words(text) if w.isdigit() or w in NUMBER_WORDS)
 
+    @staticmethod
+    def inflected(premise: str, candidate: str) -> list[str]:
+        """Words of ``candidate`` (4+ letters) that ``premise`` lacks but has with ``s``/``es`` added or removed."""
+        seen = set(words(premise))
+        out = []
+        for word in set(words(candidate)) - seen:
+            forms = {word + "s", word + "es"} | ({word[:-1]} if word.endswith("s") else set()) \
+                | ({word[:-2]} if word.endswith("es") else set())
+            if len(word) >= 4 and forms & seen:
+                out.append(word)
+        return out
+
     def failing(self, premises: Sequence[str], candidates: Sequence[str]) -> list[bool]:
-        return [bool(self.numbers(c) - self.numbers(p)) for p, c in zip(premises, candidates, strict=True)]
+        return [bool(self.numbers(c) - self.numbers(p)) or bool(self.inflected(p, c))
+                for p, c in zip(premises, candidates, strict=True)]
 
 
 class FluencyCheck:
