@@ -65,11 +65,29 @@ def test_smoothing_is_exact_and_int8_stays_close(tiny, tiny_model_dir):
                                rtol=1e-3, atol=1e-4)
 
     int8 = load_encoder(tiny_model_dir, EmbedConfig(quantize="int8"), show_progress=False)
+    from sempa_train.stages.quantize import Int8Linear
+
     mlp = int8.model.model.layers[0].mlp
-    assert "quantized" in type(mlp.gate_proj).__module__ and "quantized" not in type(mlp.down_proj).__module__
+    assert isinstance(mlp.gate_proj, Int8Linear) and isinstance(mlp.down_proj, torch.nn.Linear)
     assert cosine(int8.encode(SENTENCES), fp32).min() > 0.99
     with pytest.raises(ValueError, match="applies to the transformers backend"):
         EmbedConfig(backend="vllm", quantize="int8")
+
+
+def test_int8_linear_scales_each_token_by_itself():
+    """A token with values 100x larger does not coarsen its neighbours' int8 steps (one scale per row)."""
+    from sempa_train.stages.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    int8 = Int8Linear(linear)
+    x = torch.randn(2, 3, 64)
+    x[0, 0] *= 100
+    exact, got = linear(x), int8(x)
+    assert got.shape == exact.shape == (2, 3, 32)
+    relative = ((got - exact).norm(dim=-1) / exact.norm(dim=-1)).max()
+    assert relative < 0.02, relative
+    assert torch.allclose(int8(x[1:]), got[1:], atol=1e-5)  # a row's result does not depend on the batch
 
 
 def test_common_prefix_leaves_every_last_token():

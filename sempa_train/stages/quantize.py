@@ -90,23 +90,48 @@ def smooth(model: Any, maxima: dict[str, torch.Tensor], alpha: float = ALPHA) ->
     return model
 
 
+class Int8Linear(torch.nn.Module):
+    """A linear layer computed in int8: weights quantised once per output channel, activations per token at
+    each call (each row its own scale, so one token's large values do not coarsen the others'), the product
+    accumulated in int32 by ``torch._int_mm`` and rescaled to fp32."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = (weight.abs().amax(1) / 127).clamp(min=1e-8)
+        self.register_buffer("weight_t", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8).t()
+                             .contiguous())  # (in, out): the layout _int_mm reads fastest
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(),
+                                                                        requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        scale = (rows.abs().amax(1, keepdim=True) / 127).clamp(min=1e-8)
+        out = torch._int_mm((rows / scale).round().to(torch.int8), self.weight_t).float() * (scale * self.weight_scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1, alpha: float = ALPHA,
-                  sentences: Sequence[str] | None = None) -> Any:
-    """The smoothed model with dynamic int8 q/k/v, o and gate/up projections (CPU), calibrated by running
+                  sentences: Sequence[str] | None = None, names: Sequence[str] = QUANTIZED) -> Any:
+    """The smoothed model with its ``names`` projections in int8 (``Int8Linear``, CPU), calibrated by running
     PromptEOL (``template``, ``layer``) on ``sentences`` one a batch: padding positions would enter the
     activation maxima with values no real token has."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
     from sempa_train.stages.embedding import PromptEOLEncoder
 
     sentences = list(sentences) if sentences is not None else calibration_sentences()
     calibrate = PromptEOLEncoder(model, tokenizer, template=template, layer=layer, batch_size=1,
                                  show_progress=False).encode
     smoothed = smooth(model, input_maxima(model, calibrate, sentences), alpha)
-    decoder = smoothed.get_decoder()
-    targets = {name: per_channel_dynamic_qconfig for name, module in decoder.named_modules()
-               if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in QUANTIZED}
-    quantize_dynamic(decoder, targets, dtype=torch.qint8, inplace=True)
+    count = 0
+    for block in smoothed.get_decoder().layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if name in names and isinstance(child, torch.nn.Linear):
+                    setattr(parent, name, Int8Linear(child))
+                    count += 1
     log.info("int8 PromptEOL: %d linear layers quantised after smoothing (alpha %.2f, %d calibration sentences)",
-             len(targets), alpha, len(sentences))
+             count, alpha, len(sentences))
     return smoothed
