@@ -1,4 +1,4 @@
-"""int8 PromptEOL on CPU: SmoothQuant-style smoothing, then dynamic int8 linear layers.
+"""int8 PromptEOL on CPU: SmoothQuant-style smoothing, then int8 linear layers with per-token activation scales.
 
 Plain dynamic int8 (``torch.ao.quantization.quantize_dynamic``: per-channel int8 weights, one activation
 scale per batch) collapses SmolLM2's STS-B dev Spearman (79 → 22 on 400 pairs): a few input channels of
@@ -7,18 +7,19 @@ Smoothing (Xiao et al., 2023, "SmoothQuant") moves that range into the weights, 
 layer fed by an RMSNorm, input channel ``j`` is divided by ``s_j`` (folded into the norm's weight) and
 the weights' column ``j`` multiplied by it, with ``s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)`` from the
 activation maxima of a fixed calibration text. The smoothed fp32 model computes the same function; only
-then are the q/k/v, o and gate/up projections quantised (o_proj without smoothing: its input is the
-attention output, not behind a norm, and it held its accuracy as it is). down_proj stays fp32: its input,
-SiLU(gate) x up, has the widest range, and quantising it even after smoothing (through up_proj) lost 20
-points.
+then are the q/k/v, o and gate/up projections replaced by ``Int8Linear`` (o_proj without smoothing: its
+input is the attention output, not behind a norm, and it held its accuracy as it is). down_proj stays
+fp32: its input, SiLU(gate) x up, has the widest range, and quantising it even after smoothing (through
+up_proj) lost 20 points. ``Int8Linear`` scales each token (row) of its input by itself, so a vector does
+not depend on the batch it is in, and one token's large values do not coarsen its neighbours' steps.
 
 The calibration text is fixed (the 50 sentences of ``data/heldout_text.txt`` and the 64 premises of
 ``data/nli_sample.jsonl``: plain prose and captions), never the data being encoded, so the quantised model
-is the same whatever corpus it encodes (the activation scale is still dynamic, one per batch, so a vector
-varies slightly with the batch it is in). Measured on STS-B dev (alpha 0.8): 73.25 against fp32's 73.83,
-at 4.21x the plain fp32 loop's speed (the README's embedding benchmark). Early probes that calibrated in
-padded batches, which let padding positions into the maxima, scattered between -0.45 and +0.32 with the
-calibration text: the smoothing factors are that sensitive.
+is the same whatever corpus it encodes. Measured on STS-B dev (alpha 0.8, README's embedding benchmark):
+74.12 against fp32's 73.83 at 4.33x the plain fp32 loop's speed; one activation scale per batch (the first
+version, over ``quantize_dynamic``) gave 73.25 at 4.21x. Early probes that calibrated in padded batches,
+which let padding positions into the maxima, scattered between -0.45 and +0.32 with the calibration text:
+the smoothing factors are that sensitive.
 """
 
 from __future__ import annotations
