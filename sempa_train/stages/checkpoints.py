@@ -95,6 +95,16 @@ def _similarity_encoder() -> Any:
     return load_encoder(SIMILARITY_ENCODER, show_progress=False)
 
 
+def sts_similarities(model: Any, tokenizer: Any, probes: Probes) -> list[np.ndarray]:
+    """Per-pair PromptEOL cosine similarity of each STS subset of ``probes`` under ``model`` as it is now."""
+    encoder = PromptEOLEncoder(model, tokenizer, show_progress=False)
+    similarities = []
+    for subset in probes.sts:
+        vectors = encoder.encode(subset.sent1 + subset.sent2)
+        similarities.append(cosine(vectors[:len(subset)], vectors[len(subset):]))
+    return similarities
+
+
 @torch.no_grad()
 def probe(model: Any, tokenizer: Any, probes: Probes, *, bf16: bool = False) -> tuple[float, float, float | None]:
     """``(mean Spearman x 100 of the STS subsets, held-out perplexity, greedy-paraphrase similarity or None)`` of a
@@ -104,12 +114,8 @@ def probe(model: Any, tokenizer: Any, probes: Probes, *, bf16: bool = False) -> 
     autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
     try:
         with autocast:
-            encoder = PromptEOLEncoder(model, tokenizer, show_progress=False)
-            scores = []
-            for subset in probes.sts:
-                vectors = encoder.encode(subset.sent1 + subset.sent2)
-                scores.append(spearman100(cosine(vectors[:len(subset)], vectors[len(subset):]), subset.scores))
-            sts = float(np.mean(scores))
+            sts = float(np.mean([spearman100(similarity, subset.scores) for similarity, subset
+                                 in zip(sts_similarities(model, tokenizer, probes), probes.sts, strict=True)]))
             ppl = perplexity(model, tokenizer, probes.texts)
             similarity = None
             if probes.paraphrase_sources:

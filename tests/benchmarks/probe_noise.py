@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,20 +24,8 @@ from common import save
 
 from sempa_train.core.io import read_json
 from sempa_train.core.models import load_causal_lm
-from sempa_train.stages.checkpoints import Probes, lora_scaled
-from sempa_train.stages.embedding import PromptEOLEncoder, cosine
+from sempa_train.stages.checkpoints import Probes, lora_scaled, sts_similarities
 from sempa_train.stages.evaluation import spearman100
-
-
-def probe_similarities(model: Any, tokenizer: Any, probes: Probes, bf16: bool) -> list[np.ndarray]:
-    """Per-pair cosine similarity of each STS subset of ``probes`` under ``model`` as it is now."""
-    encoder = PromptEOLEncoder(model, tokenizer, show_progress=False)
-    out = []
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for subset in probes.sts:
-            vectors = encoder.encode(subset.sent1 + subset.sent2)
-            out.append(cosine(vectors[:len(subset)], vectors[len(subset):]))
-    return out
 
 
 def mean_difference_bootstrap(golds: list[np.ndarray], a: list[np.ndarray], b: list[np.ndarray], *,
@@ -76,8 +63,9 @@ def main() -> None:
     golds = [subset.scores for subset in probes.sts]
     similarities = {}
     for scale in args.scales:
-        with lora_scaled(model, scale / saved_scale):
-            similarities[scale] = probe_similarities(model, tokenizer, probes, bf16)
+        with lora_scaled(model, scale / saved_scale), torch.no_grad(), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as the in-training probe runs
+            similarities[scale] = sts_similarities(model, tokenizer, probes)
     scores = {scale: float(np.mean([spearman100(s, g) for s, g in zip(sims, golds, strict=True)]))
               for scale, sims in similarities.items()}
     reference = args.scales[0]
