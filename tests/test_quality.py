@@ -81,6 +81,47 @@ def test_a_number_the_premise_has_less_often_is_flagged():
     assert NumberCheck().failing([premise] * 4, candidates) == [True, True, False, False]
 
 
+def test_a_sentence_repeated_inside_itself_or_made_a_definition_is_flagged():
+    from sempa_train.stages.quality import RepetitionCheck
+
+    premise = "A person performs a snowboarding trick on a rail as a man crouches down."
+    candidates = ["A person performs a snowboarding trick on a rail while a person performs a snowboarding trick.",
+                  "A person does a snowboard trick on a rail as a man crouches.",
+                  "A person performs a snowboarding trick on a rail, a man crouching down."]
+    assert RepetitionCheck().failing([premise] * 3, candidates) == [True, False, False]
+    assert RepetitionCheck.repeated("A family day at the beach.", "A family day at the beach is a family day.") \
+        == [("a", "family", "day")]
+    # a phrase the premise itself says twice may stay twice
+    assert RepetitionCheck().failing(["A man in red and a man in blue."], ["A man in blue and a man in red."]) \
+        == [False]
+
+
+def test_two_people_in_swapped_roles_are_flagged_and_a_passive_is_not():
+    from sempa_train.stages.quality import RoleSwapCheck
+
+    premise = "The woman is adjusting a flower on the man's lapel."
+    candidates = ["The man is adjusting a flower on the woman's lapel.",
+                  "A woman adjusts a flower on a man's lapel.",
+                  "On the man's lapel, the woman is adjusting a flower.",  # reordered, roles kept: still flagged
+                  "The man's lapel flower is being adjusted by the woman."]
+    assert RoleSwapCheck().failing([premise] * 4, candidates) == [True, False, True, False]
+    assert RoleSwapCheck.swapped(premise, candidates[0]) == [("woman", "man")]
+    # other words moving around is not a swapped role
+    assert RoleSwapCheck().failing(["Man relaxing on a bench at the bus stop."],
+                                   ["On a bench at the bus stop, man relaxing."]) == [False]
+
+
+def test_the_rank_config_turns_the_text_checks_on_in_order_cheapest_first():
+    from sempa_train.stages.ranking import build_checks
+
+    assert build_checks(RankConfig()) == []
+    cfg = RankConfig(drop_meta_answers=True, language="en", drop_unknown_words=True, drop_number_changes=True,
+                     drop_repetitions=True, drop_swapped_roles=True)
+    assert [c.reason for c in build_checks(cfg)] == [
+        "candidate_meta_answer", "candidate_not_english", "candidate_unknown_word", "candidate_changed_number",
+        "candidate_repeats", "candidate_swapped_roles"]
+
+
 def test_checks_run_in_order_on_survivors_and_name_the_first_failure():
     first, second = SetCheck("a", {"x"}), SetCheck("b", {"x", "y"})
     assert apply_checks([first, second], ["p"] * 3, ["x", "y", "z"]) == ["a", "b", None]

@@ -537,8 +537,9 @@ class RankConfig(StageConfig):
     ``scorer``, ``scorer_model``. Filters: ``min_length_ratio``, ``max_length_ratio``,
     ``drop_truncated``, ``min_margin``, ``contamination_dir`` + ``contamination_tasks``. Absolute checks
     of sampled candidates (``sempa_train.stages.quality``): ``drop_meta_answers``, ``language``,
-    ``drop_unknown_words``, ``drop_number_changes``, ``min_fluency`` (with the policy's ``model`` and
-    ``chat_template``), ``judge`` + ``min_entailment``, ``min_chosen_score``.
+    ``drop_unknown_words``, ``drop_number_changes``, ``drop_repetitions``, ``drop_swapped_roles``,
+    ``min_fluency`` (with the policy's ``model`` and ``chat_template``), ``judge`` + ``min_entailment``,
+    ``min_chosen_score``.
     """
 
     strategy: str = option("sampled", "gold: the paper's NLI pairs; sampled: best candidate as chosen; "
@@ -575,6 +576,12 @@ class RankConfig(StageConfig):
     drop_number_changes: bool = option(False, "drop sampled candidates with a number (digits or a number word) "
                                        "more often than their premise has it ('Three people' became 'Two'), or "
                                        "with a premise word made singular or plural ('hands' became 'hand')")
+    drop_repetitions: bool = option(False, "drop sampled candidates that say a three-word phrase at least twice and "
+                                    "more often than their premise: a sentence repeated inside itself or made a "
+                                    "definition ('A family day at the beach is a family day')")
+    drop_swapped_roles: bool = option(False, "drop sampled candidates in which two person words of the premise come "
+                                      "in the opposite order ('the woman adjusts the man's flower' became 'the man "
+                                      "adjusts the woman's flower'); a candidate with a new 'by' (a passive) is kept")
     min_fluency: float | None = option(None, "drop sampled candidates whose mean token log-prob under the policy, "
                                        "as its answer to the paraphrase prompt, is below this (-3.0 drops word "
                                        "salad: 1 percent of SmolLM2's own candidates are below -2.41); None: no check")

@@ -24,6 +24,15 @@ Each check here drops the candidates it fails, with its own reason counted in th
 ``NumberCheck`` (``candidate_changed_number``)
     a number (digits or a number word) the candidate has more often than the premise: "Three people" that
     became "Two people" beside a copied "two boats".
+``RepetitionCheck`` (``candidate_repeats``)
+    a three-word phrase the candidate says at least twice and more often than the premise: the sentence
+    repeated inside itself ("A person performs a trick while a person performs a trick …") or turned into a
+    definition ("A family day at the beach is a family day").
+``RoleSwapCheck`` (``candidate_swapped_roles``)
+    two different person words that premise and candidate each have once, in the opposite order ("the woman
+    adjusts a flower on the man's lapel" became "the man adjusts a flower on the woman's lapel"): every word
+    stays, so neither the judge nor the embedding scorer sees the change. A candidate with a new "by" (a
+    passive: "a man hugs a woman" → "a woman is hugged by a man") is not failed.
 ``FluencyCheck`` (``candidate_disfluent``)
     the mean token log-probability of the candidate as the policy's own answer to the paraphrase prompt
     (one forward pass): word salad is improbable under the model that wrote it.
@@ -171,6 +180,55 @@ class NumberCheck:
     def failing(self, premises: Sequence[str], candidates: Sequence[str]) -> list[bool]:
         return [bool(self.numbers(c) - self.numbers(p)) or bool(self.inflected(p, c))
                 for p, c in zip(premises, candidates, strict=True)]
+
+
+class RepetitionCheck:
+    """Fails candidates that say a three-word phrase at least twice and more often than their premise does."""
+
+    reason = "candidate_repeats"
+
+    @staticmethod
+    def repeated(premise: str, candidate: str) -> list[tuple[str, ...]]:
+        """The word trigrams of ``candidate`` that occur twice or more in it and more often than in ``premise``."""
+        had = _trigrams(words(premise))
+        return [gram for gram, k in _trigrams(words(candidate)).items() if k >= 2 and k > had[gram]]
+
+    def failing(self, premises: Sequence[str], candidates: Sequence[str]) -> list[bool]:
+        return [bool(self.repeated(p, c)) for p, c in zip(premises, candidates, strict=True)]
+
+
+def _trigrams(tokens: Sequence[str]) -> Counter[tuple[str, ...]]:
+    return Counter(zip(tokens, tokens[1:], tokens[2:], strict=False))
+
+
+PERSON_WORDS = frozenset("man men woman women boy boys girl girls child children kid kids person people lady ladies "
+                         "guy guys gentleman gentlemen mother father mom dad daughter son sister brother wife husband "
+                         "baby toddler teenager player players".split())
+
+
+class RoleSwapCheck:
+    """Fails candidates in which two person words that premise and candidate each have exactly once (possessive
+    ``'s`` ignored) come in the opposite order, unless the candidate adds a "by" (a passive keeps the roles)."""
+
+    reason = "candidate_swapped_roles"
+
+    @staticmethod
+    def swapped(premise: str, candidate: str) -> list[tuple[str, str]]:
+        """The pairs of person words whose order ``candidate`` reverses."""
+        before, after = _base_words(premise), _base_words(candidate)
+        if after.count("by") > before.count("by"):
+            return []
+        shared = [w for w in dict.fromkeys(before)
+                  if w in PERSON_WORDS and before.count(w) == 1 and after.count(w) == 1]
+        return [(a, b) for i, a in enumerate(shared) for b in shared[i + 1:]
+                if (before.index(a) - before.index(b)) * (after.index(a) - after.index(b)) < 0]
+
+    def failing(self, premises: Sequence[str], candidates: Sequence[str]) -> list[bool]:
+        return [bool(self.swapped(p, c)) for p, c in zip(premises, candidates, strict=True)]
+
+
+def _base_words(text: str) -> list[str]:
+    return [w[:-2] if w.endswith("'s") else w for w in words(text)]
 
 
 class FluencyCheck:

@@ -42,6 +42,8 @@ from sempa_train.stages.quality import (
     LanguageCheck,
     MetaAnswerCheck,
     NumberCheck,
+    RepetitionCheck,
+    RoleSwapCheck,
     SpellingCheck,
     apply_checks,
     plot_quality,
@@ -259,7 +261,8 @@ def quality_measures(ranked: Ranked, sampled: pl.Series) -> dict[str, Any]:
 
 
 CHECK_REASONS = ("candidate_meta_answer", "candidate_not_english", "candidate_unknown_word",
-                 "candidate_changed_number", "candidate_disfluent", "candidate_not_entailed")
+                 "candidate_changed_number", "candidate_repeats", "candidate_swapped_roles", "candidate_disfluent",
+                 "candidate_not_entailed")
 
 
 def build_checks(cfg: RankConfig) -> list[CandidateCheck]:
@@ -271,6 +274,10 @@ def build_checks(cfg: RankConfig) -> list[CandidateCheck]:
         checks.append(SpellingCheck(cfg.language or "en"))
     if cfg.drop_number_changes:
         checks.append(NumberCheck())
+    if cfg.drop_repetitions:
+        checks.append(RepetitionCheck())
+    if cfg.drop_swapped_roles:
+        checks.append(RoleSwapCheck())
     if cfg.min_fluency is not None:
         checks.append(FluencyCheck.load(cfg.model, template=cfg.template, min_logprob=cfg.min_fluency,
                                         chat_template=cfg.chat_template))

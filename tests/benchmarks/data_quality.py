@@ -29,6 +29,7 @@ from sempa_train.stages.quality import FluencyCheck, LanguageCheck
 from sempa_train.stages.ranking import rank
 
 CHECKED = {"drop_meta_answers": True, "language": "en", "drop_unknown_words": True, "drop_number_changes": True,
+           "drop_repetitions": True, "drop_swapped_roles": True,
            "min_fluency": -3.0, "min_chosen_score": 0.5,
            "judge": "sempa-nli-minilm"}
 DOCS = Path(__file__).resolve().parents[2] / "docs"
