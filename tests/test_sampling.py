@@ -218,6 +218,17 @@ def test_auto_backend_follows_the_measurements(monkeypatch):
         sampling.choose_backend("vllm")
 
 
+def test_an_isa_cap_below_avx512_hides_the_avx512_and_amx_flags():
+    from sempa_train.core.models import usable_flags
+
+    zen4 = frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni"})
+    assert usable_flags(zen4, {}) == zen4
+    assert usable_flags(zen4, {"ONEDNN_MAX_CPU_ISA": "AVX2"}) == {"avx2", "fma"}
+    assert usable_flags(zen4, {"ATEN_CPU_CAPABILITY": "default"}) == {"avx2", "fma"}
+    assert usable_flags(zen4, {"ATEN_CPU_CAPABILITY": "avx512"}) == zen4
+    assert usable_flags(zen4, {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}) == zen4  # MKL alone does not steer the choices
+
+
 def test_busy_cores_sees_another_process():
     import subprocess
     import sys

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from sempa_train.core.io import code_version, now_iso, write_json
-from sempa_train.core.models import cpu_flags, cpu_has_fast_bf16
+from sempa_train.core.models import cpu_flags, cpu_has_fast_bf16, isa_caps
 
 SPEED_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8",
                "amx_tile"}
@@ -39,6 +39,8 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cpu_flags": sorted(cpu_flags() & SPEED_FLAGS),
+        "isa_caps": isa_caps(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "fast_bf16": cpu_has_fast_bf16(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
