@@ -1,0 +1,93 @@
+"""How closely int8 PromptEOL follows fp32, measured on text that no STS score comes from.
+
+    python tests/benchmarks/int8_fidelity.py --text ../shared/data/nli/snli/test.jsonl --sentences 1000
+
+Encodes the first ``--sentences`` distinct premises of an NLI file (SNLI test: neither a dev set nor an STS
+set) with SmolLM2 in fp32 and with each int8 setting (``--alphas`` x the layer sets of ``--layer-sets``), then
+compares: the mean cosine between a sentence's int8 and fp32 vectors, and, what STS depends on, the Spearman
+correlation (x 100) between the fp32 and int8 cosines of ``--pairs`` seeded random sentence pairs. The setting
+to use is chosen on these numbers, not on an STS dev score. Writes
+``tests/benchmarks/results/int8_fidelity[-TAG].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import save
+from scipy.stats import spearmanr
+
+from sempa_train.core.models import load_causal_lm
+from sempa_train.core.templates import PROMPTEOL_TEMPLATE
+from sempa_train.stages.embedding import PromptEOLEncoder
+from sempa_train.stages.quantize import ALPHA, QUANTIZED, quantize_int8
+
+LAYER_SETS = {"default": QUANTIZED, "with_down_proj": (*QUANTIZED, "down_proj")}
+
+
+def premises(path: str, limit: int) -> list[str]:
+    """The first ``limit`` distinct premises of a JSONL NLI file."""
+    out: dict[str, None] = {}
+    with Path(path).open(encoding="utf-8") as lines:
+        for line in lines:
+            out.setdefault(json.loads(line)["premise"], None)
+            if len(out) == limit:
+                break
+    return list(out)
+
+
+def unit(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", default="../shared/data/nli/snli/test.jsonl")
+    parser.add_argument("--sentences", type=int, default=1000)
+    parser.add_argument("--pairs", type=int, default=5000)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.65, ALPHA, 0.9])
+    parser.add_argument("--layer-sets", nargs="+", default=["default"], choices=sorted(LAYER_SETS))
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+
+    sentences = premises(args.text, args.sentences)
+    model, tokenizer = load_causal_lm(args.model, dtype=torch.float32)
+    reference = PromptEOLEncoder(model, tokenizer, batch_size=64, show_progress=False).encode(sentences)
+    rng = np.random.default_rng(0)
+    left, right = rng.integers(0, len(sentences), args.pairs), rng.integers(0, len(sentences), args.pairs)
+
+    def pair_cosines(vectors: np.ndarray) -> np.ndarray:
+        normed = unit(vectors)
+        return np.sum(normed[left] * normed[right], axis=1)
+
+    reference_pairs = pair_cosines(reference)
+    rows = []
+    for layer_set in args.layer_sets:
+        for alpha in args.alphas:
+            start = time.perf_counter()
+            quantized = quantize_int8(copy.deepcopy(model), tokenizer, template=PROMPTEOL_TEMPLATE, alpha=alpha,
+                                      names=LAYER_SETS[layer_set])
+            vectors = PromptEOLEncoder(quantized, tokenizer, batch_size=64, show_progress=False).encode(sentences)
+            row = {
+                "layers": layer_set, "alpha": alpha,
+                "mean_cosine_to_fp32": round(float(np.mean(np.sum(unit(vectors) * unit(reference), axis=1))), 5),
+                "pair_similarity_spearman_x100": round(100 * float(spearmanr(pair_cosines(vectors),
+                                                                             reference_pairs)[0]), 3),
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            print(row, flush=True)
+            rows.append(row)
+    best = max(rows, key=lambda r: r["pair_similarity_spearman_x100"])
+    save("int8_fidelity", {"text": args.text, "sentences": len(sentences), "pairs": args.pairs, "model": args.model,
+                           "rows": rows, "best": best}, tag=args.tag)
+
+
+if __name__ == "__main__":
+    main()
