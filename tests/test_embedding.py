@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -88,6 +90,29 @@ def test_int8_linear_scales_each_token_by_itself():
     relative = ((got - exact).norm(dim=-1) / exact.norm(dim=-1)).max()
     assert relative < 0.02, relative
     assert torch.allclose(int8(x[1:]), got[1:], atol=1e-5)  # a row's result does not depend on the batch
+
+
+def test_int8_weights_are_7_bit_without_int8_dot_products_and_exact_there(monkeypatch, tiny_model_dir):
+    """Without VNNI/AMX, oneDNN sums pairs of int8 products in int16: full-range weights overflow it, 7-bit ones
+    do not. Checked in a child process with the instruction set capped to AVX2 (the cap is read at start-up)."""
+    import subprocess
+    import sys
+
+    import sempa_train.stages.quantize as quantize
+
+    monkeypatch.setattr(quantize, "cpu_has_int8_dot", lambda: False)
+    int8 = load_encoder(tiny_model_dir, EmbedConfig(quantize="int8"), show_progress=False)
+    weights = int8.model.model.layers[0].mlp.gate_proj.weight_t
+    assert weights.abs().max() == 63
+    code = ("import torch; torch.manual_seed(0); a = torch.randint(-127, 128, (16, 512), dtype=torch.int8)\n"
+            "for levels in (127, 63):\n"
+            "    b = torch.randint(-levels, levels + 1, (512, 64), dtype=torch.int8)\n"
+            "    print(int((torch._int_mm(a, b).long() - (a.long() @ b.long())).abs().max()))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    errors = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert int(errors[1]) == 0  # 7-bit weights: exact
+    assert int(errors[0]) > 0  # full-range weights: the overflow the 7 bits avoid
 
 
 def test_common_prefix_leaves_every_last_token():

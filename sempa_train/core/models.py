@@ -288,16 +288,25 @@ def cpu_flags() -> frozenset[str]:
 
 
 def usable_flags(flags: frozenset[str], caps: dict[str, str]) -> frozenset[str]:
-    """``flags`` without AVX-512 and AMX when ``caps`` holds torch's or oneDNN's cap below AVX-512."""
+    """``flags`` without AVX-512 and AMX when ``caps`` holds torch's or oneDNN's cap below AVX-512 (and without
+    AVX-VNNI below oneDNN's AVX2_VNNI)."""
     capped = {value.lower() for name, value in caps.items() if name != "MKL_ENABLE_INSTRUCTIONS"}
     if capped & _BELOW_AVX512:
-        return frozenset(f for f in flags if not f.startswith(("avx512", "amx")))
+        flags = frozenset(f for f in flags if not f.startswith(("avx512", "amx")))
+    if capped & (_BELOW_AVX512 - {"avx2_vnni", "avx2_vnni_2"}):
+        flags = flags - {"avx_vnni"}
     return flags
 
 
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_int8_dot() -> bool:
+    """True when the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8). Without them
+    oneDNN's int8 matmul multiplies in pairs summed into int16, which saturates for full-range weights."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def cpu_has_avx512() -> bool:

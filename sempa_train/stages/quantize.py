@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from sempa_train.core.models import cpu_has_int8_dot
+
 log = logging.getLogger(__name__)
 
 DATA = Path(__file__).resolve().parents[2] / "data"
@@ -96,14 +98,17 @@ def smooth(model: Any, maxima: dict[str, torch.Tensor], alpha: float = ALPHA) ->
 class Int8Linear(torch.nn.Module):
     """A linear layer computed in int8: weights quantised once per output channel, activations per token at
     each call (each row its own scale, so one token's large values do not coarsen the others'), the product
-    accumulated in int32 by ``torch._int_mm`` and rescaled to fp32."""
+    accumulated in int32 by ``torch._int_mm`` and rescaled to fp32. ``weight_levels`` is the largest integer a
+    weight may take: 127, or 63 on a CPU without int8 dot-product instructions, where oneDNN adds pairs of
+    (activation + 128) x weight products in int16 and full-range weights overflow it (255 x 127 x 2 > 32767:
+    on an AVX2-capped run, errors of 10^5 in a 576-long dot product; none with 7-bit weights)."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Linear, weight_levels: int = 127) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
-        scale = (weight.abs().amax(1) / 127).clamp(min=1e-8)
-        self.register_buffer("weight_t", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8).t()
-                             .contiguous())  # (in, out): the layout _int_mm reads fastest
+        scale = (weight.abs().amax(1) / weight_levels).clamp(min=1e-8)
+        self.register_buffer("weight_t", (weight / scale[:, None]).round().clamp(-weight_levels, weight_levels)
+                             .to(torch.int8).t().contiguous())  # (in, out): the layout _int_mm reads fastest
         self.register_buffer("weight_scale", scale)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(),
                                                                         requires_grad=False)
@@ -128,13 +133,15 @@ def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1,
     calibrate = PromptEOLEncoder(model, tokenizer, template=template, layer=layer, batch_size=1,
                                  show_progress=False).encode
     smoothed = smooth(model, input_maxima(model, calibrate, sentences), alpha)
+    levels = 127 if cpu_has_int8_dot() else 63
     count = 0
     for block in smoothed.get_decoder().layers:
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if name in names and isinstance(child, torch.nn.Linear):
-                    setattr(parent, name, Int8Linear(child))
+                    setattr(parent, name, Int8Linear(child, levels))
                     count += 1
-    log.info("int8 PromptEOL: %d linear layers quantised after smoothing (alpha %.2f, %d calibration sentences)",
-             count, alpha, len(sentences))
+    log.info("int8 PromptEOL: %d linear layers quantised after smoothing (alpha %.2f, %d calibration sentences, "
+             "weights in +-%d%s)", count, alpha, len(sentences), levels,
+             "" if levels == 127 else ": this CPU has no int8 dot-product instructions")
     return smoothed
