@@ -9,15 +9,17 @@ the weights' column ``j`` multiplied by it, with ``s_j = max|x_j|^alpha / max|w_
 activation maxima of a fixed calibration text. The smoothed fp32 model computes the same function; only
 then are the q/k/v, o and gate/up projections replaced by ``Int8Linear`` (o_proj without smoothing: its
 input is the attention output, not behind a norm, and it held its accuracy as it is). down_proj stays
-fp32: its input, SiLU(gate) x up, has the widest range, and quantising it even after smoothing (through
-up_proj) lost 20 points. ``Int8Linear`` scales each token (row) of its input by itself, so a vector does
+fp32: its input, SiLU(gate) x up, has the widest range; with one activation scale per batch quantising it
+lost 20 points, and with per-token scales it still follows fp32 less closely than the rest
+(tests/benchmarks/int8_fidelity.py). ``Int8Linear`` scales each token (row) of its input by itself, so a vector does
 not depend on the batch it is in, and one token's large values do not coarsen its neighbours' steps.
 
 The calibration text is fixed (the 50 sentences of ``data/heldout_text.txt`` and the 64 premises of
 ``data/nli_sample.jsonl``: plain prose and captions), never the data being encoded, so the quantised model
-is the same whatever corpus it encodes. Measured on STS-B dev (alpha 0.8, README's embedding benchmark):
-74.12 against fp32's 73.83 at 4.33x the plain fp32 loop's speed; one activation scale per batch (the first
-version, over ``quantize_dynamic``) gave 73.25 at 4.21x. Early probes that calibrated in padded batches,
+is the same whatever corpus it encodes. Measured on STS-B dev (README's embedding benchmark, fp32 73.83):
+alpha 0.65, 73.56 at 4.06x the plain fp32 loop's speed on Zen 4; with the instruction set capped to AVX2 (7-bit
+weights, below) 73.69 at 3.45x; alpha 0.8 gave 74.12 at 4.33x, and one activation scale per batch (the first
+version, over ``quantize_dynamic``) 73.25 at 4.21x. Early probes that calibrated in padded batches,
 which let padding positions into the maxima, scattered between -0.45 and +0.32 with the calibration text:
 the smoothing factors are that sensitive.
 """
@@ -100,8 +102,8 @@ class Int8Linear(torch.nn.Module):
     each call (each row its own scale, so one token's large values do not coarsen the others'), the product
     accumulated in int32 by ``torch._int_mm`` and rescaled to fp32. ``weight_levels`` is the largest integer a
     weight may take: 127, or 63 on a CPU without int8 dot-product instructions, where oneDNN adds pairs of
-    (activation + 128) x weight products in int16 and full-range weights overflow it (255 x 127 x 2 > 32767:
-    on an AVX2-capped run, errors of 10^5 in a 576-long dot product; none with 7-bit weights)."""
+    (activation + 128) x weight products in int16 and full-range weights overflow it (255 x 127 x 2 > 32767;
+    with 7-bit weights the product is exact: tests/test_embedding.py checks both in an AVX2-capped process)."""
 
     def __init__(self, linear: torch.nn.Linear, weight_levels: int = 127) -> None:
         super().__init__()
