@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,19 +25,9 @@ from sempa_train.core.models import load_causal_lm
 from sempa_train.core.templates import PROMPTEOL_TEMPLATE
 from sempa_train.stages.embedding import PromptEOLEncoder
 from sempa_train.stages.quantize import ALPHA, QUANTIZED, quantize_int8
+from sempa_train.stages.retention import held_out_texts
 
 LAYER_SETS = {"default": QUANTIZED, "with_down_proj": (*QUANTIZED, "down_proj")}
-
-
-def premises(path: str, limit: int) -> list[str]:
-    """The first ``limit`` distinct premises of a JSONL NLI file."""
-    out: dict[str, None] = {}
-    with Path(path).open(encoding="utf-8") as lines:
-        for line in lines:
-            out.setdefault(json.loads(line)["premise"], None)
-            if len(out) == limit:
-                break
-    return list(out)
 
 
 def unit(vectors: np.ndarray) -> np.ndarray:
@@ -57,7 +45,7 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
 
-    sentences = premises(args.text, args.sentences)
+    sentences = held_out_texts(args.text, args.sentences)
     model, tokenizer = load_causal_lm(args.model, dtype=torch.float32)
     reference = PromptEOLEncoder(model, tokenizer, batch_size=64, show_progress=False).encode(sentences)
     rng = np.random.default_rng(0)
