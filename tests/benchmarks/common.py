@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,20 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+
+
+SAMPLE_ROW = re.compile(r"^\| (\d+) \| (.*?) \| (.*?) \| (.*) \|$")
+
+
+def sample_doc_pairs(path: Path) -> list[dict[str, Any]]:
+    """The numbered rows (``n``, ``premise``, ``chosen``, ``rejected``) of a sample doc that ``data_quality.py``
+    wrote (``docs/quality_sample*.md``), with the cells' escaped ``|`` restored."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").split("## Reading", 1)[0].splitlines():
+        if match := SAMPLE_ROW.match(line):
+            premise, chosen, rejected = (cell.replace("\\|", "|") for cell in match.groups()[1:])
+            rows.append({"n": int(match.group(1)), "premise": premise, "chosen": chosen, "rejected": rejected})
+    return rows
 
 
 def save(name: str, result: dict[str, Any], *, tag: str = "") -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from common import save
+from common import sample_doc_pairs, save
 
 from sempa_train.core.config import RankConfig
 from sempa_train.core.io import read_manifest
@@ -74,9 +74,7 @@ def main() -> None:
     for name in ("unchecked", "checked"):
         results[name] = audit(args.out / name, judge, language, fluency)
 
-    read_before = {line.split(" | ")[1] for doc in args.exclude_doc
-                   for line in doc.read_text(encoding="utf-8").splitlines() if line.startswith("| ") and
-                   line.split(" | ")[0][2:].strip().isdigit()}
+    read_before = {row["premise"] for doc in args.exclude_doc for row in sample_doc_pairs(doc)}
     pool = pl.read_parquet(args.out / "checked" / "data.parquet").filter(~pl.col("premise").is_in(list(read_before)))
     kept = pool.sample(args.sample, seed=args.sample_seed)
     command = " ".join(["python tests/benchmarks/data_quality.py", *map(str, sys.argv[1:])])

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 import numpy as np
-from common import save
+from common import sample_doc_pairs, save
 
 from sempa_train.stages.quality import (
     CandidateCheck,
@@ -31,7 +31,6 @@ from sempa_train.stages.quality import (
     SpellingCheck,
 )
 
-ROW = re.compile(r"^\| (\d+) \| (.*) \| (.*) \| (.*) \|$", re.MULTILINE)
 MISS = re.compile(r"^- #(\d+):", re.MULTILINE)
 
 
@@ -40,10 +39,8 @@ def read_doc(path: Path) -> list[dict[str, object]]:
     text = path.read_text(encoding="utf-8")
     if "## Reading" not in text:
         raise ValueError(f"{path}: no '## Reading' section, so no verdicts to compare with")
-    table, reading = text.split("## Reading", 1)
-    misses = {int(n) for n in MISS.findall(reading)}
-    rows = [{"doc": path.name, "n": int(n), "premise": premise, "chosen": chosen, "real": int(n) not in misses}
-            for n, premise, chosen, _ in ROW.findall(table)]
+    misses = {int(n) for n in MISS.findall(text.split("## Reading", 1)[1])}
+    rows = [{"doc": path.name, **row, "real": row["n"] not in misses} for row in sample_doc_pairs(path)]
     if not rows:
         raise ValueError(f"{path}: no pair rows ('| N | premise | chosen | rejected |') found")
     return rows
