@@ -109,6 +109,9 @@ def test_two_people_in_swapped_roles_are_flagged_and_a_passive_is_not():
     # other words moving around is not a swapped role
     assert RoleSwapCheck().failing(["Man relaxing on a bench at the bus stop."],
                                    ["On a bench at the bus stop, man relaxing."]) == [False]
+    # two people joined by "and" have no roles to swap; one acting on the other does
+    assert RoleSwapCheck().failing(["A man and a woman are competing.", "A man is chasing a woman."],
+                                   ["A woman and a man are competing.", "A woman is chasing a man."]) == [False, True]
 
 
 def test_the_rank_config_turns_the_text_checks_on_in_order_cheapest_first():

@@ -582,7 +582,8 @@ class RankConfig(StageConfig):
                                     "definition ('A family day at the beach is a family day')")
     drop_swapped_roles: bool = option(False, "drop sampled candidates in which two person words of the premise come "
                                       "in the opposite order ('the woman adjusts the man's flower' became 'the man "
-                                      "adjusts the woman's flower'); a candidate with a new 'by' (a passive) is kept")
+                                      "adjusts the woman's flower'); a candidate with a new 'by' (a passive) is kept, "
+                                      "and so is one that joins the two by 'and'/'or' as the premise does")
     min_fluency: float | None = option(None, "drop sampled candidates whose mean token log-prob under the policy, "
                                        "as its answer to the paraphrase prompt, is below this (-3.0 drops word "
                                        "salad: 1 percent of SmolLM2's own candidates are below -2.41); None: no check")

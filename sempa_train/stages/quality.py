@@ -208,7 +208,8 @@ PERSON_WORDS = frozenset("man men woman women boy boys girl girls child children
 
 class RoleSwapCheck:
     """Fails candidates in which two person words that premise and candidate each have exactly once (possessive
-    ``'s`` ignored) come in the opposite order, unless the candidate adds a "by" (a passive keeps the roles)."""
+    ``'s`` ignored) come in the opposite order, unless the candidate adds a "by" (a passive keeps the roles) or
+    both sentences join the two by "and"/"or" ("a man and a woman" -> "a woman and a man": no roles to swap)."""
 
     reason = "candidate_swapped_roles"
 
@@ -221,10 +222,21 @@ class RoleSwapCheck:
         shared = [w for w in dict.fromkeys(before)
                   if w in PERSON_WORDS and before.count(w) == 1 and after.count(w) == 1]
         return [(a, b) for i, a in enumerate(shared) for b in shared[i + 1:]
-                if (before.index(a) - before.index(b)) * (after.index(a) - after.index(b)) < 0]
+                if (before.index(a) - before.index(b)) * (after.index(a) - after.index(b)) < 0
+                and not (_coordinated(before, a, b) and _coordinated(after, a, b))]
 
     def failing(self, premises: Sequence[str], candidates: Sequence[str]) -> list[bool]:
         return [bool(self.swapped(p, c)) for p, c in zip(premises, candidates, strict=True)]
+
+
+_COORDINATION_WORDS = frozenset({"and", "or", "a", "an", "the", "another", "one", "other"})
+
+
+def _coordinated(text_words: list[str], a: str, b: str) -> bool:
+    """Whether only "and"/"or" and articles stand between ``a`` and ``b`` (each once in ``text_words``)."""
+    i, j = sorted((text_words.index(a), text_words.index(b)))
+    between = text_words[i + 1 : j]
+    return bool({"and", "or"} & set(between)) and set(between) <= _COORDINATION_WORDS
 
 
 def _base_words(text: str) -> list[str]:
