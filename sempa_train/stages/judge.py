@@ -27,8 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from sempa_train.core.config import RankConfig
 from sempa_train.core.io import atomic_dir, file_sha256, now_iso, text_id, write_json
 from sempa_train.stages.minimal_pairs import ENTAILMENT, minimal_pairs
+
+#: The entailment probability a candidate needs each way (the rank config's default, one place for it).
+MIN_ENTAILMENT = RankConfig().min_entailment
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +177,12 @@ def assess_judge(judge: NLIJudge, snli_test: Path) -> dict[str, Any]:
             "snli_test_minimal_pairs": minimal_pair_accuracy(judge, [p for p, _ in pairs])}
 
 
-def minimal_pair_accuracy(judge: NLIJudge, premises: Sequence[str], seed: int = 0) -> dict[str, Any]:
+def minimal_pair_accuracy(judge: NLIJudge, premises: Sequence[str], seed: int = 0,
+                          min_entailment: float = MIN_ENTAILMENT) -> dict[str, Any]:
     """How well ``judge`` tells entailed from not entailed on the minimal pairs of ``premises`` (held-out ones:
-    SNLI test), as a binary decision at the entailment probability ``JudgeCheck`` uses (0.5)."""
+    SNLI test), as a binary decision at the entailment probability ``JudgeCheck`` uses by default."""
     pairs, labels = minimal_pairs(premises, seed=seed)
-    entailed = judge.probabilities(pairs)[:, 0] >= 0.5
+    entailed = judge.probabilities(pairs)[:, 0] >= min_entailment
     truth = np.asarray(labels) == ENTAILMENT
     return {"pairs": len(pairs), "accuracy": round(float((entailed == truth).mean()), 4),
             "entailed_kept": round(float(entailed[truth].mean()), 4),
@@ -220,7 +225,7 @@ class JudgeCheck:
 
     reason = "candidate_not_entailed"
 
-    def __init__(self, judge: NLIJudge, min_entailment: float = 0.5) -> None:
+    def __init__(self, judge: NLIJudge, min_entailment: float = MIN_ENTAILMENT) -> None:
         self.judge = judge
         self.min_entailment = min_entailment
 
