@@ -90,6 +90,12 @@ def test_int8_linear_scales_each_token_by_itself():
     relative = ((got - exact).norm(dim=-1) / exact.norm(dim=-1)).max()
     assert relative < 0.02, relative
     assert torch.allclose(int8(x[1:]), got[1:], atol=1e-5)  # a row's result does not depend on the batch
+    # what the layer computes: per-row int8 activations times int8 weights, rescaled by both scales
+    rows = x.reshape(-1, 64)
+    row_scale = (rows.abs().amax(1, keepdim=True) / 127).clamp(min=1e-8)
+    product = (rows / row_scale).round() @ int8.weight_t.float()
+    reference = product * row_scale * int8.weight_scale + linear.bias.detach()
+    torch.testing.assert_close(got.reshape(-1, 32), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_int8_weights_are_7_bit_without_int8_dot_products_and_exact_there(monkeypatch, tiny_model_dir):

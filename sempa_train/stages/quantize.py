@@ -117,10 +117,13 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).float()
-        scale = (rows.abs().amax(1, keepdim=True) / 127).clamp(min=1e-8)
-        out = torch._int_mm((rows / scale).round().to(torch.int8), self.weight_t).float() * (scale * self.weight_scale)
+        scale = rows.abs().amax(1, keepdim=True).div_(127).clamp_(min=1e-8)
+        # The int32 product times the fp32 row scales is one pass that also converts (type promotion); then the
+        # channel scales in place: no (rows x out) scale matrix and no separate int32 -> fp32 copy.
+        out = torch.mul(torch._int_mm(torch.div(rows, scale).round_().to(torch.int8), self.weight_t), scale)
+        out.mul_(self.weight_scale)
         if self.bias is not None:
-            out = out + self.bias
+            out.add_(self.bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
