@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from sempa_train.core.io import atomic_dir
+
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 SAME = ("base_model_name_or_path", "target_modules", "r", "lora_alpha", "use_dora", "use_rslora")
 
 
-def soup(adapters: list[Path], out: Path) -> dict:
-    """Write to ``out`` the adapter whose update is the mean of ``adapters``' updates; returns its config."""
+def read_adapters(adapters: list[Path]) -> tuple[list[dict], list[dict[str, torch.Tensor]]]:
+    """The configs and LoRA tensors of ``adapters``, checked to be averageable (same base, modules, r, alpha)."""
     configs = [json.loads((a / CONFIG).read_text()) for a in adapters]
     for key in SAME:
         values = {json.dumps(sorted(c[key]) if isinstance(c.get(key), list) else c.get(key)) for c in configs}
@@ -37,7 +38,13 @@ def soup(adapters: list[Path], out: Path) -> dict:
     tensors = [load_file(a / WEIGHTS) for a in adapters]
     if len({frozenset(t) for t in tensors}) > 1:
         raise ValueError("the adapters hold different tensors")
-    k = len(adapters)
+    return configs, tensors
+
+
+def soup(adapters: list[Path], configs: list[dict], tensors: list[dict[str, torch.Tensor]], out: Path) -> dict:
+    """Write to ``out`` (atomically) the adapter whose update is the mean of the adapters' updates; returns its
+    config."""
+    k = len(tensors)
     merged: dict[str, torch.Tensor] = {}
     for name in tensors[0]:
         if ".lora_A." in name:
@@ -48,22 +55,17 @@ def soup(adapters: list[Path], out: Path) -> dict:
             raise ValueError(f"{name}: only lora_A / lora_B tensors can be averaged")
     config = {**configs[0], "r": k * configs[0]["r"], "lora_alpha": k * configs[0]["lora_alpha"],
               "rank_pattern": {}, "alpha_pattern": {}}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(merged, str(tmp / WEIGHTS))
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-    (tmp / "SOURCES.json").write_text(json.dumps({"mean_of": [str(a) for a in adapters]}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out, overwrite=True) as tmp:
+        save_file(merged, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        (tmp / "SOURCES.json").write_text(json.dumps({"mean_of": [str(a) for a in adapters]}, indent=2))
     return config
 
 
-def update_norms(adapters: list[Path]) -> tuple[list[float], float]:
+def update_norms(tensors: list[dict[str, torch.Tensor]]) -> tuple[list[float], float]:
     """Frobenius norms of each adapter's whole update (every module's ``B @ A``; the common scaling left out) and
     of their mean: how far apart the updates point (equal updates: the mean's norm equals each one's)."""
-    tensors = [load_file(a / WEIGHTS) for a in adapters]
-    each, mean = [0.0] * len(adapters), 0.0
+    each, mean = [0.0] * len(tensors), 0.0
     for name in tensors[0]:
         if ".lora_A." not in name:
             continue
@@ -78,9 +80,10 @@ def main() -> None:
     parser.add_argument("adapters", type=Path, nargs="+", help="PEFT LoRA adapter folders of the same base model")
     parser.add_argument("--out", type=Path, required=True, help="folder of the averaged adapter")
     args = parser.parse_args()
-    config = soup(args.adapters, args.out)
+    configs, tensors = read_adapters(args.adapters)
+    config = soup(args.adapters, configs, tensors, args.out)
     print(f"{args.out}: mean of {len(args.adapters)} adapters, r {config['r']}, lora_alpha {config['lora_alpha']}")
-    each, mean = update_norms(args.adapters)
+    each, mean = update_norms(tensors)
     print("norm of the mean update / norm of each: " + ", ".join(f"{mean / v:.2f}" for v in each))
 
 
