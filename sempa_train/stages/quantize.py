@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,12 +128,10 @@ class Int8Linear(torch.nn.Module):
 
 
 def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1, alpha: float = ALPHA,
-                  sentences: Sequence[str] | None = None, names: Sequence[str] = QUANTIZED,
-                  layer_names: Mapping[int, Sequence[str]] | None = None) -> Any:
-    """The smoothed model with its ``names`` projections in int8 (``Int8Linear``, CPU), plus those of
-    ``layer_names`` in the decoder layers it lists (``{3: ("down_proj",)}``), calibrated by running PromptEOL
-    (``template``, ``layer``) on ``sentences`` one a batch: padding positions would enter the activation maxima
-    with values no real token has."""
+                  sentences: Sequence[str] | None = None, names: Sequence[str] = QUANTIZED) -> Any:
+    """The smoothed model with its ``names`` projections in int8 (``Int8Linear``, CPU), calibrated by running
+    PromptEOL (``template``, ``layer``) on ``sentences`` one a batch: padding positions would enter the
+    activation maxima with values no real token has."""
     from sempa_train.stages.embedding import PromptEOLEncoder
 
     sentences = list(sentences) if sentences is not None else calibration_sentences()
@@ -142,11 +140,10 @@ def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1,
     smoothed = smooth(model, input_maxima(model, calibrate, sentences), alpha)
     levels = 127 if cpu_has_int8_dot() else 63
     count = 0
-    for index, block in enumerate(smoothed.get_decoder().layers):
-        wanted = {*names, *(layer_names or {}).get(index, ())}
+    for block in smoothed.get_decoder().layers:
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
-                if name in wanted and isinstance(child, torch.nn.Linear):
+                if name in names and isinstance(child, torch.nn.Linear):
                     setattr(parent, name, Int8Linear(child, levels))
                     count += 1
     log.info("int8 PromptEOL: %d linear layers quantised after smoothing (alpha %.2f, %d calibration sentences, "

@@ -6,9 +6,7 @@ Encodes the first ``--sentences`` distinct premises of an NLI file (SNLI test: n
 set) with SmolLM2 in fp32 and with each int8 setting (``--alphas`` x the layer sets of ``--layer-sets``), then
 compares: the mean cosine between a sentence's int8 and fp32 vectors, and, what STS depends on, the Spearman
 correlation (x 100) between the fp32 and int8 cosines of ``--pairs`` seeded random sentence pairs. The setting
-to use is chosen on these numbers, not on an STS dev score. ``--scan-down-proj`` adds down_proj in int8 to the
-default set one decoder layer at a time (at alpha ``ALPHA``), to see which layers can take it;
-``--down-proj-except I ...`` measures down_proj in int8 in every layer but those listed. Writes
+to use is chosen on these numbers, not on an STS dev score. Writes
 ``tests/benchmarks/results/int8_fidelity[-TAG].json``.
 """
 
@@ -26,7 +24,7 @@ from scipy.stats import spearmanr
 from sempa_train.core.models import load_causal_lm
 from sempa_train.core.templates import PROMPTEOL_TEMPLATE
 from sempa_train.stages.embedding import PromptEOLEncoder
-from sempa_train.stages.quantize import ALPHA, QUANTIZED, quantize_int8
+from sempa_train.stages.quantize import QUANTIZED, quantize_int8
 from sempa_train.stages.retention import held_out_texts
 
 LAYER_SETS = {"default": QUANTIZED, "with_down_proj": (*QUANTIZED, "down_proj")}
@@ -44,9 +42,6 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.65, 0.8, 0.9])
     parser.add_argument("--layer-sets", nargs="+", default=["default"], choices=sorted(LAYER_SETS))
-    parser.add_argument("--scan-down-proj", action="store_true", help="down_proj in int8 one layer at a time")
-    parser.add_argument("--down-proj-except", type=int, nargs="*", default=None, metavar="LAYER",
-                        help="also measure down_proj in int8 in every decoder layer but these")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
 
@@ -62,33 +57,21 @@ def main() -> None:
 
     reference_pairs = pair_cosines(reference)
     rows = []
-
-    def measure(label: str, alpha: float, names: tuple[str, ...], layer_names: dict[int, tuple[str, ...]]) -> None:
-        start = time.perf_counter()
-        quantized = quantize_int8(copy.deepcopy(model), tokenizer, template=PROMPTEOL_TEMPLATE, alpha=alpha,
-                                  names=names, layer_names=layer_names)
-        vectors = PromptEOLEncoder(quantized, tokenizer, batch_size=64, show_progress=False).encode(sentences)
-        row = {
-            "layers": label, "alpha": alpha,
-            "mean_cosine_to_fp32": round(float(np.mean(np.sum(unit(vectors) * unit(reference), axis=1))), 5),
-            "pair_similarity_spearman_x100": round(100 * float(spearmanr(pair_cosines(vectors),
-                                                                         reference_pairs)[0]), 3),
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-        print(row, flush=True)
-        rows.append(row)
-
     for layer_set in args.layer_sets:
         for alpha in args.alphas:
-            measure(layer_set, alpha, LAYER_SETS[layer_set], {})
-    depth = model.config.num_hidden_layers
-    if args.scan_down_proj:
-        for index in range(depth):
-            measure(f"default + down_proj in layer {index}", ALPHA, QUANTIZED, {index: ("down_proj",)})
-    if args.down_proj_except is not None:
-        kept = sorted(set(args.down_proj_except))
-        measure(f"default + down_proj except layers {kept}", ALPHA, QUANTIZED,
-                {i: ("down_proj",) for i in range(depth) if i not in kept})
+            start = time.perf_counter()
+            quantized = quantize_int8(copy.deepcopy(model), tokenizer, template=PROMPTEOL_TEMPLATE, alpha=alpha,
+                                      names=LAYER_SETS[layer_set])
+            vectors = PromptEOLEncoder(quantized, tokenizer, batch_size=64, show_progress=False).encode(sentences)
+            row = {
+                "layers": layer_set, "alpha": alpha,
+                "mean_cosine_to_fp32": round(float(np.mean(np.sum(unit(vectors) * unit(reference), axis=1))), 5),
+                "pair_similarity_spearman_x100": round(100 * float(spearmanr(pair_cosines(vectors),
+                                                                             reference_pairs)[0]), 3),
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            print(row, flush=True)
+            rows.append(row)
     best = max(rows, key=lambda r: r["pair_similarity_spearman_x100"])
     save("int8_fidelity", {"text": args.text, "sentences": len(sentences), "pairs": args.pairs, "model": args.model,
                            "rows": rows, "best": best}, tag=args.tag)
