@@ -124,26 +124,33 @@ class RunConfig:
                                  f"{', '.join(owned)} is set once, in the policy section (or with --model)")
         if model is not None:
             merged["policy"]["model"] = model
-        try:
-            policy = PolicyConfig.from_dict(merged["policy"])
-            for section, names in POLICY_FIELDS.items():
-                merged[section].update({name: getattr(policy, name) for name in names})
-            built = cls(
-                policy=policy,
-                prepare=PrepareConfig.from_dict(merged["prepare"]),
-                sample=SampleConfig.from_dict(merged["sample"]),
-                rank=RankConfig.from_dict(merged["rank"], base=default.rank),
-                train=TrainConfig.from_dict(merged["train"],
-                                            base=TrainConfig.preset(train_preset) if train_preset else default.train),
-                eval=EvalConfig.from_dict(merged["eval"], base=default.eval),
-                embed=EmbedConfig.from_dict(merged["embed"]),
-                retention=RetentionConfig.from_dict(merged["retention"]),
-                gates=GateConfig.from_dict(merged["gates"]),
-                cluster=ClusterConfig.from_dict(merged["cluster"]),
-                corpus=CorpusConfig.from_dict(merged["corpus"]),
-            )
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from e
+        origin = " with overrides" if any((overrides or {}).values()) else ""
+
+        def build_section(name: str, config: Any, base: Any = None) -> Any:
+            """One section's config (``base``: a config, or a function that makes one, so that an unknown preset
+            is reported like a bad field); an error names the file (and overrides) and the section."""
+            try:
+                return config.from_dict(merged[name], base=base() if callable(base) else base)
+            except ValueError as e:
+                raise ValueError(f"{where}{origin}: {name}: {e}") from e
+
+        policy = build_section("policy", PolicyConfig)
+        for name, fields in POLICY_FIELDS.items():
+            merged[name].update({field: getattr(policy, field) for field in fields})
+        built = cls(
+            policy=policy,
+            prepare=build_section("prepare", PrepareConfig),
+            sample=build_section("sample", SampleConfig),
+            rank=build_section("rank", RankConfig, default.rank),
+            train=build_section("train", TrainConfig,
+                                lambda: TrainConfig.preset(train_preset) if train_preset else default.train),
+            eval=build_section("eval", EvalConfig, default.eval),
+            embed=build_section("embed", EmbedConfig),
+            retention=build_section("retention", RetentionConfig),
+            gates=build_section("gates", GateConfig),
+            cluster=build_section("cluster", ClusterConfig),
+            corpus=build_section("corpus", CorpusConfig),
+        )
         if built.rank.scorer == "policy" and built.rank.scorer_model is None:
             built = replace(built, rank=built.rank.replace(scorer_model=policy.model))
         return built

@@ -43,6 +43,29 @@ def test_yaml_file_flags_and_unknown_keys(tmp_path):
         TrainConfig.load(path)
 
 
+def test_numbers_are_read_as_yaml_and_the_cli_give_them(tmp_path):
+    from sempa_train.plan import RunConfig
+
+    path = tmp_path / "train.yaml"
+    # YAML reads 5e-4 (no dot) as text and 125.0 as a float
+    path.write_text("learning_rate: 5e-4\nmax_steps: 125.0\nloss_type: sigmoid,sft\nloss_weights: [1, 2e-1]\n")
+    cfg = TrainConfig.load(path)
+    assert (cfg.learning_rate, cfg.max_steps, cfg.loss_weights) == (5e-4, 125, (1.0, 0.2))
+    assert type(cfg.max_steps) is int and type(cfg.learning_rate) is float
+    for values, message in [({"learning_rate": "fast"}, "learning_rate: expected a number, got 'fast'"),
+                            ({"max_steps": 12.5}, "max_steps: expected an integer, got 12.5"),
+                            ({"max_steps": True}, "max_steps: expected an integer, got True"),
+                            ({"loss_weights": "1,x"}, "loss_weights: expected a number, got 'x'")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.from_dict(values)
+    run = tmp_path / "run.yaml"
+    run.write_text("train: {max_steps: 50}\n")
+    with pytest.raises(ValueError, match=r"run.yaml with overrides: train: learning_rate: expected a number"):
+        RunConfig.build(run, overrides={"train": {"learning_rate": "fast"}})
+    with pytest.raises(ValueError, match=r"run.yaml: train: unknown train preset 'nope'"):
+        RunConfig.build(run, preset="nope")
+
+
 def test_tasks_accept_comma_strings():
     assert EvalConfig.from_dict({"tasks": "STS12, STSBenchmark"}).tasks == ("STS12", "STSBenchmark")
 

@@ -121,6 +121,8 @@ def test_worker_killed_in_train_then_rerun_resumes_from_cache(prefect_harness, t
     assert card_metadata(card)["library_name"] == "peft"
     tuned = json.loads((Path(outputs["eval_dir"]) / "tuned.json").read_text())["tasks"]["STSBenchmark"]["spearman"]
     assert f"| {tuned:.2f} |" in card and f"{summary['retention']['compare']['perplexity_ratio']:.3f}" in card
+    split = json.loads((Path(outputs["eval_dir"]) / "base.json").read_text())["eval_config"]["split"]
+    assert f"Split: {split} (" in card
     assert model_manifest["data_sha256"] in (Path(outputs["model_dir"]) / "adapter" / "README.md").read_text()
 
     # the embed deployment: a corpus embedded with that adapter, on the same store

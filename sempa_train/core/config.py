@@ -63,7 +63,7 @@ class StageConfig:
             )
         hints = typing.get_type_hints(cls)
         merged = {**(base or cls()).to_dict(), **values}  # type: ignore[call-arg]
-        return cls(**{k: _coerce(v, hints[k]) for k, v in merged.items()})
+        return cls(**{k: _coerce(v, hints[k], k) for k, v in merged.items()})
 
     @classmethod
     def load(cls, path: Path, *, base: Self | None = None) -> Self:
@@ -88,18 +88,35 @@ class StageConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
-def _coerce(value: Any, hint: Any) -> Any:
-    """Turn a YAML/JSON/CLI value into the field's type (lists → tuples, comma strings → tuples)."""
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Turn a YAML/JSON/CLI value into the type of field ``name`` (lists → tuples, comma strings → tuples, number
+    strings → numbers: YAML reads ``5e-4``, without a dot, as a string)."""
     if value is None:
         return None
     base = _base_type(hint)
     if base is tuple:
         items = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
         element = _element_type(hint)
-        return tuple(element(v) if element in (int, float) else v for v in items)
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        return tuple(_number(v, element, name) if element in (int, float) else v for v in items)
+    if base in (int, float):
+        return _number(value, base, name)
     return value
+
+
+def _number(value: Any, kind: type, name: str) -> Any:
+    """``value`` as an int or float (``kind``) when it is a number or a string of one; a clear error otherwise."""
+    what = "a number" if kind is float else "an integer"
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError
+        if kind is int and isinstance(value, int):
+            return value
+        number = float(value)
+        if kind is int and not number.is_integer():
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{name}: expected {what}, got {value!r}") from None
+    return int(number) if kind is int else number
 
 
 def _element_type(hint: Any) -> Any:

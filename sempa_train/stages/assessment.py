@@ -39,6 +39,7 @@ class Evaluation:
     adapter: str | None
     sts: dict[str, float]  # Spearman x 100 per task, of the evaluated model
     sts_base: dict[str, float]
+    split: str  # the STS split both were scored on ("?" when the folder does not say)
     perplexity: float | None
     perplexity_ratio: float | None  # tuned / base; 1.0 for the base model
     paraphrase_similarity: float | None
@@ -63,6 +64,7 @@ class Evaluation:
             folder=folder, model=summary["model"], adapter=summary.get("adapter"),
             sts={task: r["spearman"] for task, r in tuned["tasks"].items()},
             sts_base={task: r["spearman"] for task, r in base["tasks"].items()},
+            split=str(base.get("eval_config", {}).get("split", "?")),
             perplexity=probe.get("perplexity"),
             perplexity_ratio=compare.get("perplexity_ratio", 1.0 if probe and not summary.get("adapter") else None),
             paraphrase_similarity=probe.get("paraphrase", {}).get("similarity_mean"),

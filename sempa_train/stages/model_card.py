@@ -118,16 +118,12 @@ def _results(evaluation: Path) -> list[str]:
         interval = f" [{low_high[0]:+.2f}, {low_high[1]:+.2f}]" if low_high else ""
         lines.append(f"| {task} | {ev.sts_base[task]:.2f} | {tuned:.2f} | {tuned - ev.sts_base[task]:+.2f}"
                      f"{interval} |")
-    lines += ["", f"Split: {_split(Path(evaluation))} (dev splits select and tune; test splits report)."]
+    lines += ["", f"Split: {ev.split} (dev splits select and tune; test splits report)."]
     if ev.perplexity_ratio is not None:
         lines += ["", "Generation kept: perplexity ratio (tuned / base) on held-out text "
                   f"{ev.perplexity_ratio:.3f}; greedy-paraphrase similarity change "
                   f"{_signed(ev.paraphrase_similarity_delta)}; gates {'passed' if ev.gates_passed else 'failed'}."]
     return lines
-
-
-def _split(evaluation: Path) -> str:
-    return str(read_json(evaluation / "base.json").get("eval_config", {}).get("split", "?"))
 
 
 def _signed(value: float | None) -> str:
