@@ -124,7 +124,7 @@ class RunConfig:
                                  f"{', '.join(owned)} is set once, in the policy section (or with --model)")
         if model is not None:
             merged["policy"]["model"] = model
-        origin = " with overrides" if any((overrides or {}).values()) else ""
+        origin = " with overrides" if config_file is not None and any((overrides or {}).values()) else ""
 
         def build_section(name: str, config: Any, base: Any = None) -> Any:
             """One section's config (``base``: a config, or a function that makes one, so that an unknown preset
