@@ -92,6 +92,8 @@ def test_training_probes_steps_and_scales_and_keeps_the_choice(trained):
     assert zero["perplexity"] == pytest.approx(base["perplexity"], rel=1e-4)  # scale 0 is the base model
     assert zero["paraphrase_similarity"] == pytest.approx(base["paraphrase_similarity"], abs=1e-4)
     assert all(r["paraphrase_delta"] is not None for r in rows)
+    assert all(list(r["sts_tasks"]) == ["STSBenchmark"] and r["sts_tasks"]["STSBenchmark"] == r["sts_spearman"]
+               for r in rows)  # one probe task: its score is the mean
 
 
 def test_all_failing_run_is_refused(tiny_model_dir, sample_prefs, trained, tmp_path):
@@ -169,4 +171,25 @@ def test_a_probe_of_two_tasks_scores_their_mean_spearman(tiny_model_dir, tmp_pat
     assert [s.task for s in both.sts] == ["STSBenchmark", "SICKRelatedness"] and both.sts[0].split == "train"
     alone = [probe(model, tokenizer, Probes.load(senteval, 4, text, 2, tasks=(task,)))[0]
              for task in ("STSBenchmark", "SICKRelatedness")]
-    assert probe(model, tokenizer, both)[0] == pytest.approx(sum(alone) / 2)
+    reading = probe(model, tokenizer, both)
+    assert reading.sts == pytest.approx(sum(alone) / 2)
+    assert reading.sts_tasks == pytest.approx({"STSBenchmark": alone[0], "SICKRelatedness": alone[1]})
+
+
+def test_checkpoint_plot_draws_each_probe_task_beside_the_mean():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sempa_train.stages.report import _plot_probe_tasks
+
+    steps = [{"step": s, "sts_tasks": {"STSBenchmark": 70.0 + s, "SICKRelatedness": 60.0 - s}} for s in (0, 25, 50)]
+    fig, ax = plt.subplots()
+    _plot_probe_tasks(ax, steps)
+    assert {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()} == {
+        "STSBenchmark": [70.0, 95.0, 120.0], "SICKRelatedness": [60.0, 35.0, 10.0]}
+    ax.clear()
+    _plot_probe_tasks(ax, [{"step": 0, "sts_tasks": {"STSBenchmark": 70.0}}, {"step": 25}])  # one task, old rows
+    assert not ax.get_lines()
+    plt.close(fig)

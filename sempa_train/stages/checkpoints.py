@@ -13,7 +13,8 @@ trained one) at a few scales, which costs no training and maps the trade-off bet
 
 Every probe is a row of ``checkpoints.jsonl`` in the model folder:
 ``{"step", "scale", "sts_spearman", "perplexity", "paraphrase_similarity", "perplexity_ratio",
-"paraphrase_delta", "passed"}``; step 0 is the base model.
+"paraphrase_delta", "passed", "sts_tasks"}``; step 0 is the base model and ``sts_tasks`` holds each probe task's
+Spearman, whose mean is ``sts_spearman``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -84,6 +85,16 @@ class ProbeResult:
     perplexity_ratio: float = 1.0
     paraphrase_delta: float | None = None
     passed: bool = True
+    sts_tasks: dict[str, float] | None = None  # Spearman x 100 of each probe task (sts_spearman is their mean)
+
+
+class ProbeReading(NamedTuple):
+    """What one probe measures of the model as it is now."""
+
+    sts: float  # mean Spearman x 100 over the STS subsets
+    perplexity: float
+    paraphrase_similarity: float | None
+    sts_tasks: dict[str, float]  # Spearman x 100 of each subset, by task
 
 
 @functools.cache
@@ -106,16 +117,16 @@ def sts_similarities(model: Any, tokenizer: Any, probes: Probes) -> list[np.ndar
 
 
 @torch.no_grad()
-def probe(model: Any, tokenizer: Any, probes: Probes, *, bf16: bool = False) -> tuple[float, float, float | None]:
-    """``(mean Spearman x 100 of the STS subsets, held-out perplexity, greedy-paraphrase similarity or None)`` of a
-    causal LM as it is now (adapter active)."""
+def probe(model: Any, tokenizer: Any, probes: Probes, *, bf16: bool = False) -> ProbeReading:
+    """STS Spearman (mean and per task), held-out perplexity and greedy-paraphrase similarity (None without
+    paraphrase sources) of a causal LM as it is now (adapter active)."""
     was_training = model.training
     model.eval()
     autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
     try:
         with autocast:
-            sts = float(np.mean([spearman100(similarity, subset.scores) for similarity, subset
-                                 in zip(sts_similarities(model, tokenizer, probes), probes.sts, strict=True)]))
+            scores = [float(spearman100(similarity, subset.scores)) for similarity, subset
+                      in zip(sts_similarities(model, tokenizer, probes), probes.sts, strict=True)]
             ppl = perplexity(model, tokenizer, probes.texts)
             similarity = None
             if probes.paraphrase_sources:
@@ -126,7 +137,8 @@ def probe(model: Any, tokenizer: Any, probes: Probes, *, bf16: bool = False) -> 
                                               template=probes.template, chat=probes.chat)["similarity_mean"]
     finally:
         model.train(was_training)
-    return sts, ppl, similarity
+    return ProbeReading(float(np.mean(scores)), ppl, similarity,
+                        {subset.task: score for subset, score in zip(probes.sts, scores, strict=True)})
 
 
 def lora_b_weights(model: Any) -> list[torch.nn.Parameter]:
@@ -227,6 +239,10 @@ def select(results: Sequence[ProbeResult], gate: SelectionGate, scale_margin: fl
     return best
 
 
+def _by_task(tasks: dict[str, float]) -> str:
+    return ", ".join(f"{task} {value:.2f}" for task, value in tasks.items())
+
+
 class CheckpointProbe(TrainerCallback):
     """Probe the base model when training starts and the policy every ``every`` steps (and at the end); save the
     adapter of each probed step under ``checkpoint_dir/step-N``."""
@@ -241,9 +257,9 @@ class CheckpointProbe(TrainerCallback):
 
     def _probe(self, model: Any, step: int) -> None:
         base = model.get_base_model()
-        sts, ppl, para = probe(base, self.tokenizer, self.probes, bf16=self.bf16)
-        self.results.append(ProbeResult(step, 1.0, sts, ppl, para))
-        log.info("train: step %d: STS probe %.2f, held-out perplexity %.2f%s", step, sts, ppl,
+        sts, ppl, para, tasks = probe(base, self.tokenizer, self.probes, bf16=self.bf16)
+        self.results.append(ProbeResult(step, 1.0, sts, ppl, para, sts_tasks=tasks))
+        log.info("train: step %d: STS probe %.2f (%s), held-out perplexity %.2f%s", step, sts, _by_task(tasks), ppl,
                  "" if para is None else f", paraphrase similarity {para:.3f}")
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -262,10 +278,10 @@ class CheckpointProbe(TrainerCallback):
             if scale == 1.0:
                 continue
             with lora_scaled(model, scale):
-                sts, ppl, para = probe(model.get_base_model(), self.tokenizer, self.probes, bf16=self.bf16)
-            self.results.append(ProbeResult(step, scale, sts, ppl, para))
-            log.info("train: step %d at scale %.2f: STS probe %.2f, perplexity %.2f%s", step, scale, sts, ppl,
-                     "" if para is None else f", paraphrase similarity {para:.3f}")
+                sts, ppl, para, tasks = probe(model.get_base_model(), self.tokenizer, self.probes, bf16=self.bf16)
+            self.results.append(ProbeResult(step, scale, sts, ppl, para, sts_tasks=tasks))
+            log.info("train: step %d at scale %.2f: STS probe %.2f (%s), perplexity %.2f%s", step, scale, sts,
+                     _by_task(tasks), ppl, "" if para is None else f", paraphrase similarity {para:.3f}")
 
 
 def select_and_install(callback: CheckpointProbe, model: Any, out_dir: Path, *, gate: SelectionGate,

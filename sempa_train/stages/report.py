@@ -104,10 +104,20 @@ def plot_training(log_file: Path, path: Path) -> bool:
     return True
 
 
+def _plot_probe_tasks(ax: Any, steps: list[dict[str, Any]]) -> None:
+    """Each probe task's Spearman beside their mean, when the probe read more than one task."""
+    tasks = steps[0].get("sts_tasks") or {}
+    if len(tasks) < 2 or any(not r.get("sts_tasks") for r in steps):
+        return
+    for task in tasks:
+        ax.plot([r["step"] for r in steps], [r["sts_tasks"][task] for r in steps], ls="--", lw=0.8, marker=".",
+                label=task)
+
+
 def plot_checkpoints(probes_file: Path, path: Path) -> bool:
-    """STS probe, perplexity ratio and (when probed) greedy-paraphrase similarity change of every probed step
-    (scale 1), and each probed scale of the best-STS step, with the selection gates; the model's ``metrics.json``
-    names the selected step and scale."""
+    """STS probe (the mean, and each task when it read several), perplexity ratio and (when probed)
+    greedy-paraphrase similarity change of every probed step (scale 1), and each probed scale of the best-STS step,
+    with the selection gates; the model's ``metrics.json`` names the selected step and scale."""
     rows = [json.loads(line) for line in probes_file.read_text().splitlines() if line.strip()]
     steps = sorted((r for r in rows if r["scale"] == 1.0), key=lambda r: r["step"])
     if len(steps) < 2:
@@ -130,6 +140,8 @@ def plot_checkpoints(probes_file: Path, path: Path) -> bool:
     x = [r["step"] for r in steps]
     for ax, (key, title, gate, color) in zip(axes, panels, strict=True):
         ax.plot(x, [r[key] for r in steps], marker="o", color=color, label=key.replace("_", " "))
+        if key == "sts_spearman":
+            _plot_probe_tasks(ax, steps)
         if gate is not None:
             ax.axhline(gate, color=color, ls="--", lw=0.8, label=f"gate {gate}")
         if "selected_step" in metrics:
