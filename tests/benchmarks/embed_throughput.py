@@ -30,13 +30,14 @@ import numpy as np
 import torch
 import torch._inductor.config
 from common import save
+from int8_fidelity import LAYER_SETS
 
 from sempa_train.core.config import EmbedConfig
 from sempa_train.core.models import load_causal_lm
 from sempa_train.core.templates import PROMPTEOL_TEMPLATE, prompteol_prompt
 from sempa_train.stages.embedding import PromptEOLEncoder, cosine, load_encoder
 from sempa_train.stages.evaluation import spearman100
-from sempa_train.stages.quantize import QUANTIZED, quantize_int8
+from sempa_train.stages.quantize import quantize_int8
 from sempa_train.stages.sts_data import load_senteval_task
 
 ARMS = ["baseline_fp32", "sempa_fp32_no_shared_prefix", "sempa_fp32", "sempa_auto", "sempa_fp32_compiled",
@@ -85,7 +86,7 @@ def main() -> None:
                  if "sempa_int8" in args.arms else None)
     int8_setup_seconds = time.perf_counter() - start  # loading, calibration and quantisation
     ours_int8_down = (PromptEOLEncoder(quantize_int8(ours_fp32.model, ours_fp32.tokenizer, template=PROMPTEOL_TEMPLATE,
-                                                     names=(*QUANTIZED, "down_proj")),
+                                                     names=LAYER_SETS["with_down_proj"]),
                                        ours_fp32.tokenizer, batch_size=64, show_progress=False)
                       if "sempa_int8_down_proj" in args.arms else None)
     ours_compiled = PromptEOLEncoder(ours_fp32.model, ours_fp32.tokenizer, batch_size=64, show_progress=False,
