@@ -193,3 +193,35 @@ def test_checkpoint_plot_draws_each_probe_task_beside_the_mean():
     _plot_probe_tasks(ax, [{"step": 0, "sts_tasks": {"STSBenchmark": 70.0}}, {"step": 25}])  # one task, old rows
     assert not ax.get_lines()
     plt.close(fig)
+
+
+def test_genre_matched_probe_follows_the_target_split_proportions():
+    from sempa_train.stages.checkpoints import genre_matched_sample
+
+    source = ["news"] * 60 + ["captions"] * 30 + ["forum"] * 10
+    target = ["news"] * 2 + ["captions"] * 1 + ["forum"] * 1  # 50 % / 25 % / 25 %
+    idx = genre_matched_sample(source, target, 20, np.random.default_rng(0), "STSBenchmark train")
+    picked = [source[i] for i in idx]
+    assert (picked.count("news"), picked.count("captions"), picked.count("forum")) == (10, 5, 5)
+    assert len(set(idx.tolist())) == 20 and list(idx) == sorted(idx)
+    with pytest.raises(ValueError, match=r"STSBenchmark train: the probe needs 15 pairs of genre 'forum'"):
+        genre_matched_sample(source, target, 60, np.random.default_rng(0), "STSBenchmark train")
+
+
+def test_probe_with_a_genre_mix_reads_the_genres_of_stsb_and_leaves_sick_at_random(tmp_path):
+    from test_sts import make_senteval
+
+    from sempa_train.stages.checkpoints import Probes
+
+    senteval, text = make_senteval(tmp_path / "s"), tmp_path / "held.txt"
+    text.write_text("A held-out sentence.\n")
+    stsb = senteval / "STS" / "STSBenchmark"
+    with (stsb / "sts-train.csv").open("a") as f:
+        f.write("main-forum\tdeft-forum\t2014\t0003\t3.000\tA post.\tA reply.\n")
+    # dev: forums only, spelt as the real dev file spells them (main-forums; train says main-forum)
+    (stsb / "sts-dev.csv").write_text("main-forums\tanswers-forums\t2015\t0001\t5.000\tA.\tB.\n" * 3)
+    probes = Probes.load(senteval, 1, text, 1, tasks=("STSBenchmark", "SICKRelatedness"), genre_mix="dev")
+    assert probes.sts[0].genres == ("main-forum",) and probes.sts[0].sent1 == ["A post."]
+    assert len(probes.sts[1]) == 1 and probes.sts[1].genres == ()
+    with pytest.raises(ValueError, match="eval_sts_genre_mix must be"):
+        TrainConfig(eval_sts_genre_mix="validation")

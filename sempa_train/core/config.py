@@ -254,7 +254,8 @@ class TrainConfig(StageConfig):
     ``learning_rate``, ``warmup_ratio``, ``lr_scheduler``, ``epochs``, ``max_steps``,
     ``batch_size``, ``gradient_accumulation_steps``, ``max_length``. Speed: ``precompute_ref_log_probs``,
     ``cache_ref_log_probs``, ``share_prompt``, ``gradient_checkpointing``. Checkpoint selection: ``eval_every``,
-    ``eval_senteval_dir``, ``eval_sts_split``, ``eval_sts_pairs``, ``eval_sts_tasks``, ``eval_text_file``,
+    ``eval_senteval_dir``, ``eval_sts_split``, ``eval_sts_pairs``, ``eval_sts_tasks``, ``eval_sts_genre_mix``,
+    ``eval_text_file``,
     ``eval_text_offset``, ``eval_texts``, ``eval_paraphrases``, ``eval_template``, ``select_max_perplexity_ratio``,
     ``select_min_paraphrase_delta``, ``select_scales``, ``select_scale_margin``. Output: ``save_merged``.
     Presets: ``paper`` (the paper's recipe, for GPUs) and ``cpu`` (small batches, precomputed and cached
@@ -309,6 +310,10 @@ class TrainConfig(StageConfig):
     eval_sts_tasks: tuple[str, ...] = option(("STSBenchmark",), "STS tasks of the probe (their eval_sts_split); "
                                              "selection ranks steps by their mean Spearman, e.g. [STSBenchmark, "
                                              "SICKRelatedness] to select for both reported tasks")
+    eval_sts_genre_mix: str | None = option(
+        None, "draw the STS-B probe pairs in the genre proportions (captions, news, forums) of this split, e.g. dev: "
+        "STS-B train is 57 % news and 8 % forums, dev 33 % and 25 %, so a random train subset mostly reads news; "
+        "only the split's genre column is read, never its scores (None: pairs drawn at random)")
     eval_text_file: str = option("data/heldout_text.txt", "held-out text of the perplexity probe (.txt or NLI .jsonl); "
                                  "must be text no arm trains on")
     eval_texts: int = option(100, "held-out texts in the perplexity probe")
@@ -359,6 +364,8 @@ class TrainConfig(StageConfig):
         _check_positive("eval_every", self.eval_every, allow_zero=True)
         if self.eval_every and not self.eval_senteval_dir:
             raise ValueError("eval_every needs eval_senteval_dir (the SentEval folder with STS-B)")
+        if self.eval_sts_genre_mix not in (None, "train", "dev", "test"):
+            raise ValueError(f"eval_sts_genre_mix must be train, dev, test or None, got {self.eval_sts_genre_mix!r}")
         for name in ("eval_sts_pairs", "eval_texts"):
             _check_positive(name, getattr(self, name))
         _check_positive("eval_paraphrases", self.eval_paraphrases, allow_zero=True)

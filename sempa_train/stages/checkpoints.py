@@ -23,6 +23,7 @@ import contextlib
 import functools
 import logging
 import shutil
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -58,21 +59,47 @@ class Probes:
     @classmethod
     def load(cls, senteval_dir: str | Path, pairs: int, text_file: str | Path, texts: int, seed: int = 0,
              split: str = "train", paraphrases: int = 0, template: str = "P1", chat: bool = True,
-             offset: int = 0, tasks: Sequence[str] = ("STSBenchmark",)) -> Probes:
+             offset: int = 0, tasks: Sequence[str] = ("STSBenchmark",), genre_mix: str | None = None) -> Probes:
         """A seeded subset of ``pairs`` pairs of each of ``tasks`` (their ``split``) and the first ``texts``
         held-out texts (of which the first ``paraphrases`` are paraphrased at each probe), after skipping
-        ``offset`` texts."""
+        ``offset`` texts. With ``genre_mix`` (a split name), a task whose file has genres draws its pairs in that
+        split's genre proportions (only the genre column of that split is read, never its scores)."""
         rng = np.random.default_rng(seed)
         subsets = []
         for task in tasks:
             full = load_senteval_task(Path(senteval_dir), task, split)[0]
-            idx = np.sort(rng.choice(len(full), size=min(pairs, len(full)), replace=False))
+            if genre_mix is not None and full.genres:
+                target = load_senteval_task(Path(senteval_dir), task, genre_mix)[0].genres
+                idx = genre_matched_sample(full.genres, target, pairs, rng, f"{task} {split}")
+            else:
+                idx = np.sort(rng.choice(len(full), size=min(pairs, len(full)), replace=False))
             subsets.append(STSSubset(task=full.task, name=full.name, split=full.split,
                                      sent1=[full.sent1[i] for i in idx], sent2=[full.sent2[i] for i in idx],
-                                     scores=full.scores[idx]))
+                                     scores=full.scores[idx], genres=tuple(full.genres[i] for i in idx)
+                                     if full.genres else ()))
         held_out = held_out_texts(text_file, offset + max(texts, paraphrases))[offset:]
         return cls(sts=tuple(subsets), texts=held_out[:texts], paraphrase_sources=tuple(held_out[:paraphrases]),
                    template=template, chat=chat)
+
+
+def genre_matched_sample(genres: Sequence[str], target: Sequence[str], pairs: int, rng: np.random.Generator,
+                         name: str) -> np.ndarray:
+    """Sorted indices of about ``pairs`` rows of ``genres``, drawn per genre in the proportions of ``target``
+    (STS-B train is 57 % news and 8 % forums, dev 33 % and 25 %: a probe of train pairs drawn at random mostly
+    reads news). Raises ``ValueError`` naming ``name`` when a genre of ``target`` has too few rows."""
+    counts = Counter(target)
+    by_genre: dict[str, list[int]] = {}
+    for i, genre in enumerate(genres):
+        by_genre.setdefault(genre, []).append(i)
+    chosen = []
+    for genre, count in sorted(counts.items()):
+        want = round(pairs * count / len(target))
+        have = by_genre.get(genre, [])
+        if len(have) < want:
+            raise ValueError(f"{name}: the probe needs {want} pairs of genre {genre!r} and the split has {len(have)}; "
+                             "lower eval_sts_pairs or drop eval_sts_genre_mix")
+        chosen.extend(rng.choice(have, size=want, replace=False).tolist())
+    return np.sort(np.asarray(chosen, dtype=np.int64))
 
 
 @dataclass(frozen=True)

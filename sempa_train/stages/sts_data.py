@@ -48,6 +48,7 @@ class STSSubset:
     sent1: list[str]
     sent2: list[str]
     scores: np.ndarray
+    genres: tuple[str, ...] = ()  # each pair's genre where the file has one (STS-B: main-captions, ...), else empty
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -95,9 +96,13 @@ def load_senteval_subset(folder: Path, task: str, subset: str) -> STSSubset:
     return STSSubset(task, subset, "test", sent1, sent2, np.asarray(scores, dtype=np.float64))
 
 
+# STS-B spells one genre two ways: main-forum in train, main-forums in dev.
+GENRE_ALIASES = {"main-forums": "main-forum"}
+
+
 def load_stsb(path: Path, split: str) -> STSSubset:
-    """An STS Benchmark csv (no header; score, sentence1, sentence2 in columns 5-7)."""
-    sent1, sent2, scores = [], [], []
+    """An STS Benchmark csv (no header; genre in column 1, score, sentence1, sentence2 in columns 5-7)."""
+    sent1, sent2, scores, genres = [], [], [], []
     for lineno, line in enumerate(_read_lines(path), 1):
         if not line.strip():
             continue
@@ -107,7 +112,8 @@ def load_stsb(path: Path, split: str) -> STSSubset:
         scores.append(_score(parts[4], path, lineno))
         sent1.append(_join(parts[5]))
         sent2.append(_join(parts[6]))
-    return STSSubset("STSBenchmark", split, split, sent1, sent2, np.asarray(scores, dtype=np.float64))
+        genres.append(GENRE_ALIASES.get(parts[0], parts[0]))
+    return STSSubset("STSBenchmark", split, split, sent1, sent2, np.asarray(scores, dtype=np.float64), tuple(genres))
 
 
 def load_sick(path: Path, split: str) -> STSSubset:

@@ -157,7 +157,7 @@ def _checkpoint_probe(cfg: TrainConfig, tokenizer: Any, checkpoint_dir: Path, bf
         raise ValueError("eval_every (checkpoint selection) runs in a single process; launch without accelerate")
     probes = Probes.load(cfg.eval_senteval_dir, cfg.eval_sts_pairs, cfg.eval_text_file, cfg.eval_texts, cfg.seed,
                          cfg.eval_sts_split, paraphrases=cfg.eval_paraphrases, template=cfg.eval_template, chat=chat,
-                         offset=cfg.eval_text_offset, tasks=cfg.eval_sts_tasks)
+                         offset=cfg.eval_text_offset, tasks=cfg.eval_sts_tasks, genre_mix=cfg.eval_sts_genre_mix)
     return CheckpointProbe(tokenizer, probes, cfg.eval_every, checkpoint_dir, bf16=bf16)
 
 
