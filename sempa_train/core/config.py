@@ -156,7 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[StageConfig], *, ex
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": argparse.SUPPRESS,
-            "help": f"{f.metadata.get('help', '')} (default: {f.default!r})",
+            "help": f"{f.metadata.get('help', '')} (default: {f.default!r})".replace("%", "%%"),  # argparse formats
         }
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
