@@ -58,8 +58,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ratios = [r["perplexity_ratio"] for r in rows]
+    left, right = min(0.88, min(ratios) - 0.01), max(1.08, max(ratios) + 0.01)
+    top = max(4.8, max(r["sts_b_ci95"][1] for r in rows) + 0.1)
     fig, ax = plt.subplots(figsize=(10, 5.5))
-    ax.fill_between([0.88, TARGETS["max_perplexity_ratio"]], TARGETS["min_sts_b_delta"], 4.8, color="tab:green",
+    ax.fill_between([left, TARGETS["max_perplexity_ratio"]], TARGETS["min_sts_b_delta"], top, color="tab:green",
                     alpha=0.08, label="target: Δ STS-B ≥ +3.0, ppl ratio ≤ 1.05")
     ax.axvline(TARGETS["max_perplexity_ratio"], color="tab:red", ls="--", lw=0.8)
     ax.axhline(TARGETS["min_sts_b_delta"], color="tab:green", ls="--", lw=0.8)
@@ -73,7 +76,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.scatter([x], [y], s=36, marker=marker, edgecolors=[colour], facecolors=fill, linewidths=1.4,
                        label=arm if j == 0 else None, zorder=3)
             ax.annotate(r["seed"].split()[0], (x, y), fontsize=7, xytext=(4, -3), textcoords="offset points")
-    ax.set_xlim(0.88, 1.08)
+    ax.set_xlim(left, right)
     ax.set_xlabel("perplexity ratio on held-out text (tuned / base)")
     ax.set_ylabel("Δ STS-B dev Spearman x 100 (95 % interval)")
     ax.set_title("SmolLM2-135M recipe search: every full-budget run (number = seed; filled = all four met)",
