@@ -315,11 +315,9 @@ def apply_checks(checks: Sequence[CandidateCheck], premises: Sequence[str],
 def plot_quality(scores: Sequence[float], drops: dict[str, int], path: Path, *, floor: float | None = None) -> None:
     """The card's quality plot: the score distribution of the sampled chosen answers (with the floor) and the
     drops by reason."""
-    import matplotlib
+    from sempa_train.stages.report import agg_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = agg_pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     left.hist(list(scores), bins=30, color="tab:blue")
     if floor is not None:

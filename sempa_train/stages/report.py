@@ -25,7 +25,8 @@ from sempa_train.core.io import read_json, resolve_dataset_file, write_text
 from sempa_train.stages.evaluation import predictions_path, read_predictions
 
 
-def _plt() -> Any:
+def agg_pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (plots are written, never shown; no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,7 +36,7 @@ def _plt() -> Any:
 
 
 def plot_sts_bars(base: dict[str, Any], tuned: dict[str, Any] | None, path: Path) -> None:
-    plt = _plt()
+    plt = agg_pyplot()
     tasks = list(base["tasks"])
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(tasks) + 2), 3.5))
     width = 0.38 if tuned else 0.6
@@ -55,7 +56,7 @@ def plot_sts_bars(base: dict[str, Any], tuned: dict[str, Any] | None, path: Path
 
 
 def plot_scatter(predictions: dict[str, pl.DataFrame], task: str, path: Path) -> bool:
-    plt = _plt()
+    plt = agg_pyplot()
     frames = {name: df.filter(pl.col("task") == task) for name, df in predictions.items()}
     frames = {name: df for name, df in frames.items() if df.height}
     if not frames:
@@ -82,7 +83,7 @@ def plot_training(log_file: Path, path: Path) -> bool:
         return False
     config_file = log_file.parent / "config.json"
     beta = json.loads(config_file.read_text()).get("beta", 1.0) if config_file.is_file() else 1.0
-    plt = _plt()
+    plt = agg_pyplot()
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 3.4))
     x = [r.get("step", i + 1) for i, r in enumerate(steps)]
     left.plot(x, [r["rewards/margins"] for r in steps], marker=".")
@@ -135,7 +136,7 @@ def plot_checkpoints(probes_file: Path, path: Path) -> bool:
     if any(r.get("paraphrase_delta") is not None for r in rows):
         panels.append(("paraphrase_delta", "greedy-paraphrase similarity - base",
                        config.get("select_min_paraphrase_delta"), "tab:green"))
-    plt = _plt()
+    plt = agg_pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4))
     x = [r["step"] for r in steps]
     for ax, (key, title, gate, color) in zip(axes, panels, strict=True):
@@ -165,7 +166,7 @@ def plot_pareto(rows: dict[str, dict[str, Any]], task: str, gate: float | None, 
     if not arms or task not in rows.get("baseline", {}).get("sts", {}):
         return False
     base = rows["baseline"]["sts"][task]
-    plt = _plt()
+    plt = agg_pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.scatter([1.0], [0.0], color="grey", marker="s", label="baseline")
     for arm, r in arms.items():
@@ -192,7 +193,7 @@ def plot_scores(preferences: Path, path: Path) -> bool:
     chosen, rejected = df["chosen_score"].drop_nulls(), df["rejected_score"].drop_nulls()
     if chosen.is_empty() and rejected.is_empty():
         return False
-    plt = _plt()
+    plt = agg_pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     ax.hist(chosen.to_list(), bins=30, alpha=0.6, label=f"chosen (n={chosen.len()})")
     ax.hist(rejected.to_list(), bins=30, alpha=0.6, label=f"rejected (n={rejected.len()})")

@@ -23,6 +23,8 @@ from typing import Any
 from common import RESULTS, save
 from seed_sequence import TARGETS, misses
 
+from sempa_train.stages.report import agg_pyplot
+
 TASK = "STSBenchmark"
 
 
@@ -41,9 +43,8 @@ def arm_runs(label: str, refs: list[str]) -> list[dict[str, Any]]:
                 raise SystemExit(f"--arm {label!r}: {path} has no run in a folder named {folder!r}")
         for run in runs:
             seeds = run["config_seeds"]
-            seed = str(seeds["prepare"]) if seeds["train"] == seeds["prepare"] else \
-                f"{seeds['prepare']} (training seed {seeds['train']})"
-            rows.append({"arm": label, "source": ref, "folder": run["folder"], "seed": seed,
+            rows.append({"arm": label, "source": ref, "folder": run["folder"], "seed": seeds["prepare"],
+                         "training_seed": seeds["train"],
                          "sts_b_delta": run["sts_delta"][TASK], "sts_b_ci95": run["sts_delta_ci95"][TASK],
                          "sick_delta": run["sts_delta"]["SICKRelatedness"],
                          "perplexity_ratio": run["perplexity_ratio"],
@@ -53,17 +54,14 @@ def arm_runs(label: str, refs: list[str]) -> list[dict[str, Any]]:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """The Pareto view of ``rows``: target region shaded, a filled marker where all four conditions are met."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = agg_pyplot()
     ratios = [r["perplexity_ratio"] for r in rows]
     left, right = min(0.88, min(ratios) - 0.01), max(1.08, max(ratios) + 0.01)
     top = max(4.8, max(r["sts_b_ci95"][1] for r in rows) + 0.1)
     fig, ax = plt.subplots(figsize=(10, 5.5))
     ax.fill_between([left, TARGETS["max_perplexity_ratio"]], TARGETS["min_sts_b_delta"], top, color="tab:green",
-                    alpha=0.08, label="target: Δ STS-B ≥ +3.0, ppl ratio ≤ 1.05")
+                    alpha=0.08, label=f"target: Δ STS-B ≥ {TARGETS['min_sts_b_delta']:+.1f}, "
+                                      f"ppl ratio ≤ {TARGETS['max_perplexity_ratio']}")
     ax.axvline(TARGETS["max_perplexity_ratio"], color="tab:red", ls="--", lw=0.8)
     ax.axhline(TARGETS["min_sts_b_delta"], color="tab:green", ls="--", lw=0.8)
     colours, markers = plt.get_cmap("tab10").colors, "osD^v"
@@ -75,7 +73,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             fill = [colour] if not r["misses"] else "none"
             ax.scatter([x], [y], s=36, marker=marker, edgecolors=[colour], facecolors=fill, linewidths=1.4,
                        label=arm if j == 0 else None, zorder=3)
-            ax.annotate(r["seed"].split()[0], (x, y), fontsize=7, xytext=(4, -3), textcoords="offset points")
+            ax.annotate(str(r["seed"]), (x, y), fontsize=7, xytext=(4, -3), textcoords="offset points")
     ax.set_xlim(left, right)
     ax.set_xlabel("perplexity ratio on held-out text (tuned / base)")
     ax.set_ylabel("Δ STS-B dev Spearman x 100 (95 % interval)")
@@ -103,7 +101,9 @@ def main() -> None:
              "|---|---:|---|---:|---:|---:|---|"]
     for r in rows:
         low, high = r["sts_b_ci95"]
-        lines.append(f"| {r['arm']} | {r['seed']} | {r['sts_b_delta']:+.2f} [{low:+.2f}, {high:+.2f}] | "
+        seed = str(r["seed"]) if r["training_seed"] == r["seed"] else \
+            f"{r['seed']} (training seed {r['training_seed']})"
+        lines.append(f"| {r['arm']} | {seed} | {r['sts_b_delta']:+.2f} [{low:+.2f}, {high:+.2f}] | "
                      f"{r['sick_delta']:+.2f} | {r['perplexity_ratio']:.3f} | {r['paraphrase_similarity_delta']:+.3f} "
                      f"| {'met' if not r['misses'] else 'missed'} |")
     table = "\n".join(lines)
