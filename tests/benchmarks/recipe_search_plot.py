@@ -36,12 +36,21 @@ def arm_runs(label: str, refs: list[str]) -> list[dict[str, Any]]:
         path = RESULTS / f"{name}.json"
         if not path.is_file():
             raise SystemExit(f"--arm {label!r}: no results file {path}")
-        runs = json.loads(path.read_text())["runs"]
+        try:
+            runs = json.loads(path.read_text()).get("runs")
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"--arm {label!r}: {path} is not valid JSON ({error})") from error
+        if not isinstance(runs, list):
+            raise SystemExit(f"--arm {label!r}: {path} has no 'runs' list (not a seed_sequence.py/run_results.py file)")
         if folder:
             runs = [r for r in runs if Path(r["folder"]).name == folder]
             if not runs:
                 raise SystemExit(f"--arm {label!r}: {path} has no run in a folder named {folder!r}")
         for run in runs:
+            lacking = [key for key in ("folder", "config_seeds", "sts_delta", "sts_delta_ci95", "perplexity_ratio",
+                                       "paraphrase_similarity_delta") if key not in run]
+            if lacking:
+                raise SystemExit(f"--arm {label!r}: a run in {path} lacks {', '.join(lacking)}")
             seeds = run["config_seeds"]
             rows.append({"arm": label, "source": ref, "folder": run["folder"], "seed": seeds["prepare"],
                          "training_seed": seeds["train"],
