@@ -64,7 +64,7 @@ def report(args: argparse.Namespace, runs: dict[str, dict[str, Any]]) -> None:
     for name, run in runs.items():
         print(f"{name}: arm {seconds[name]:.0f} s, steps {run['timings']}", flush=True)
     save("arm_time", {
-        "experiment": args.experiment, "arm": args.arm, "before": args.before,
+        "experiment": args.experiment, "arm": args.arm, "before": args.before, "embed_dtype": args.embed_dtype,
         "arm_seconds": seconds, "speedup": round(seconds["before"] / seconds["after"], 2),
         "runs": {name: {"wall_seconds": run["wall_seconds"], "timings": run["timings"], "rows": run["rows"]}
                  for name, run in runs.items()},
@@ -76,6 +76,10 @@ def main() -> None:
     parser.add_argument("--experiment", default=str(REPO / "sempa_train/configs/experiments/smollm2_strategies.yaml"))
     parser.add_argument("--arm", default="gold")
     parser.add_argument("--before", required=True, help="git revision of the code to compare against")
+    parser.add_argument("--embed-dtype", choices=["float32", "bfloat16"],
+                        help="embed.dtype for both runs. float32 stands in for a CPU without bf16 units under an "
+                        "instruction-set cap (ATEN_CPU_CAPABILITY=avx2 ...): today's code follows the cap by itself, "
+                        "but older code chose bf16 from /proc/cpuinfo and would run it without bf16 kernels")
     parser.add_argument("--tag", default="")
     parser.add_argument("--retabulate", type=Path, help="recompute the summary from the runs of a results JSON")
     args = parser.parse_args()
@@ -85,6 +89,8 @@ def main() -> None:
 
     config = yaml.safe_load(Path(args.experiment).read_text())
     config["strategies"] = {args.arm: config["strategies"][args.arm]}
+    if args.embed_dtype:
+        config["embed"] = {**(config.get("embed") or {}), "dtype": args.embed_dtype}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(work / "before-code"), args.before],
