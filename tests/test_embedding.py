@@ -65,6 +65,14 @@ def test_smoothing_is_exact_and_int8_stays_close(tiny, tiny_model_dir):
     assert not torch.equal(*q_proj)
     np.testing.assert_allclose(PromptEOLEncoder(smoothed, tokenizer, show_progress=False).encode(SENTENCES), fp32,
                                rtol=1e-3, atol=1e-4)
+    # down_proj's input is smoothed through up_proj's output channels: still the same function
+    maxima = input_maxima(model, PromptEOLEncoder(model, tokenizer, show_progress=False).encode, SENTENCES,
+                          ("q_proj", "gate_proj", "down_proj"))
+    smoothed = smooth(model, maxima)
+    down = [m.model.layers[0].mlp.down_proj.weight for m in (smoothed, model)]
+    assert not torch.equal(*down)
+    np.testing.assert_allclose(PromptEOLEncoder(smoothed, tokenizer, show_progress=False).encode(SENTENCES), fp32,
+                               rtol=1e-3, atol=1e-4)
 
     int8 = load_encoder(tiny_model_dir, EmbedConfig(quantize="int8"), show_progress=False)
     from sempa_train.stages.quantize import Int8Linear

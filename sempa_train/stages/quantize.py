@@ -9,9 +9,10 @@ the weights' column ``j`` multiplied by it, with ``s_j = max|x_j|^alpha / max|w_
 activation maxima of a fixed calibration text. The smoothed fp32 model computes the same function; only
 then are the q/k/v, o and gate/up projections replaced by ``Int8Linear`` (o_proj without smoothing: its
 input is the attention output, not behind a norm, and it held its accuracy as it is). down_proj stays
-fp32: its input, SiLU(gate) x up, has the widest range; with one activation scale per batch quantising it
-lost 20 points, and with per-token scales it still follows fp32 less closely than the rest
-(tests/benchmarks/int8_fidelity.py). ``Int8Linear`` scales each token (row) of its input by itself, so a vector does
+fp32 unless asked for (``names``): its input, SiLU(gate) x up, has the widest range; with one activation scale
+per batch quantising it lost 20 points, and with per-token scales it still follows fp32 less closely than the
+rest (tests/benchmarks/int8_fidelity.py), even smoothed (through up_proj's output channels, exact because
+SiLU(gate) x up is linear in up; done whenever down_proj is quantised). ``Int8Linear`` scales each token (row) of its input by itself, so a vector does
 not depend on the batch it is in, and one token's large values do not coarsen its neighbours' steps.
 
 The calibration text is fixed (the 50 sentences of ``data/heldout_text.txt`` and the 64 premises of
@@ -77,23 +78,41 @@ def input_maxima(model: Any, encode: Callable[[Sequence[str]], Any], sentences: 
     return maxima
 
 
+def _smoothing_scale(linears: Sequence[torch.nn.Linear], act_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    weight_max = torch.stack([linear.weight.abs().amax(0) for linear in linears]).amax(0).clamp(min=1e-5)
+    return (act_max.clamp(min=1e-5) ** alpha / weight_max ** (1 - alpha)).clamp(min=1e-5)
+
+
 @torch.no_grad()
 def _smooth(norm: torch.nn.Module, linears: Sequence[torch.nn.Linear], act_max: torch.Tensor, alpha: float) -> None:
-    weight_max = torch.stack([linear.weight.abs().amax(0) for linear in linears]).amax(0).clamp(min=1e-5)
-    scale = (act_max.clamp(min=1e-5) ** alpha / weight_max ** (1 - alpha)).clamp(min=1e-5)
+    scale = _smoothing_scale(linears, act_max, alpha)
     norm.weight.div_(scale)
     for linear in linears:
         linear.weight.mul_(scale)
 
 
+@torch.no_grad()
+def _smooth_down(up: torch.nn.Linear, down: torch.nn.Linear, act_max: torch.Tensor, alpha: float) -> None:
+    """down_proj's input is SiLU(gate) x up, linear in up's output: dividing up's output channel ``j`` by
+    ``s_j`` and multiplying down's input column ``j`` by it leaves the MLP's function unchanged."""
+    scale = _smoothing_scale([down], act_max, alpha)
+    up.weight.div_(scale[:, None])
+    if up.bias is not None:
+        up.bias.div_(scale)
+    down.weight.mul_(scale)
+
+
 def smooth(model: Any, maxima: dict[str, torch.Tensor], alpha: float = ALPHA) -> Any:
-    """A copy of ``model`` with every layer's q/k/v and gate/up inputs smoothed (the same function in fp32)."""
+    """A copy of ``model`` with every layer's q/k/v and gate/up inputs smoothed, and down_proj's input too where
+    ``maxima`` has it (the same function in fp32)."""
     model = copy.deepcopy(model)
     for i, layer in enumerate(model.get_decoder().layers):
         attention, mlp = layer.self_attn, layer.mlp
         _smooth(layer.input_layernorm, [attention.q_proj, attention.k_proj, attention.v_proj],
                 maxima[f"{i}.self_attn.q_proj"], alpha)
         _smooth(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], maxima[f"{i}.mlp.gate_proj"], alpha)
+        if f"{i}.mlp.down_proj" in maxima:
+            _smooth_down(mlp.up_proj, mlp.down_proj, maxima[f"{i}.mlp.down_proj"], alpha)
     return model
 
 
@@ -137,7 +156,8 @@ def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1,
     sentences = list(sentences) if sentences is not None else calibration_sentences()
     calibrate = PromptEOLEncoder(model, tokenizer, template=template, layer=layer, batch_size=1,
                                  show_progress=False).encode
-    smoothed = smooth(model, input_maxima(model, calibrate, sentences), alpha)
+    observed = ("q_proj", "gate_proj", "down_proj") if "down_proj" in names else ("q_proj", "gate_proj")
+    smoothed = smooth(model, input_maxima(model, calibrate, sentences, observed), alpha)
     levels = 127 if cpu_has_int8_dot() else 63
     count = 0
     for block in smoothed.get_decoder().layers:

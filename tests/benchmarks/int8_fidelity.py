@@ -27,6 +27,7 @@ from sempa_train.stages.embedding import PromptEOLEncoder
 from sempa_train.stages.quantize import QUANTIZED, quantize_int8
 from sempa_train.stages.retention import held_out_texts
 
+# with_down_proj: down_proj's input is smoothed too (through up_proj), as quantize_int8 does whenever it is quantised
 LAYER_SETS = {"default": QUANTIZED, "with_down_proj": (*QUANTIZED, "down_proj")}
 
 
