@@ -52,6 +52,33 @@ def machine() -> dict[str, Any]:
     }
 
 
+# Kinds of work in a torch profile: what a faster number format would shrink (matrix products) and what it would not
+OPERATOR_GROUPS = {
+    "int8 matrix products": ("aten::_int_mm",),
+    "floating-point matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::scaled_dot_product_attention"),
+}
+
+
+def profile_summary(profile: Any, top: int = 10) -> dict[str, Any]:
+    """Operators' own CPU time in a finished ``torch.profiler.profile``, summed into ``OPERATOR_GROUPS`` (the rest
+    is ``other``: norms, rotary embedding, activations, (de)quantisation, copies), with the ``top`` operators."""
+    own = {event.key: event.self_cpu_time_total / 1e6 for event in profile.key_averages()}
+    total = sum(own.values())
+    groups: dict[str, float] = {}
+    for op, seconds in own.items():
+        group = next((name for name, ops in OPERATOR_GROUPS.items() if op in ops), "other")
+        groups[group] = groups.get(group, 0.0) + seconds
+    return {
+        "profiled_seconds": round(total, 2),
+        "groups": {group: {"seconds": round(seconds, 2), "share": round(seconds / total, 3)}
+                   for group, seconds in sorted(groups.items(), key=lambda item: -item[1])},
+        "top_operators": {op: round(seconds, 3)
+                          for op, seconds in sorted(own.items(), key=lambda item: -item[1])[:top]},
+    }
+
+
 SAMPLE_ROW = re.compile(r"^\| (\d+) \| (.*?) \| (.*?) \| (.*) \|$")
 
 
