@@ -53,9 +53,13 @@ def run_experiment(config: dict[str, Any], code: Path, work: Path) -> dict[str, 
     return {"wall_seconds": round(wall, 1), **json.loads((work / "out" / "results.json").read_text())}
 
 
+# The steps every arm shares, as the experiment's timings name them (the baseline's step was renamed after c31be85)
+SHARED_STEPS = ("prepare", "evaluate baseline", "baseline: evaluate")
+
+
 def arm_seconds(run: dict[str, Any]) -> float:
     """The arm end to end: the experiment's wall time minus what every arm shares (prepare, baseline evaluation)."""
-    shared = sum(v for k, v in run["timings"].items() if k in ("prepare", "evaluate baseline"))
+    shared = sum(v for k, v in run["timings"].items() if k in SHARED_STEPS)
     return round(run["wall_seconds"] - shared, 1)
 
 
