@@ -12,8 +12,9 @@ input is the attention output, not behind a norm, and it held its accuracy as it
 fp32 unless asked for (``names``): its input, SiLU(gate) x up, has the widest range; with one activation scale
 per batch quantising it lost 20 points, and with per-token scales it still follows fp32 less closely than the
 rest (tests/benchmarks/int8_fidelity.py), even smoothed (through up_proj's output channels, exact because
-SiLU(gate) x up is linear in up; done whenever down_proj is quantised). ``Int8Linear`` scales each token (row) of its input by itself, so a vector does
-not depend on the batch it is in, and one token's large values do not coarsen its neighbours' steps.
+SiLU(gate) x up is linear in up; done whenever down_proj is quantised). ``Int8Linear`` scales each token
+(row) of its input by itself, so a vector does not depend on the batch it is in, and one token's large values do
+not coarsen its neighbours' steps.
 
 The calibration text is fixed (the 50 sentences of ``data/heldout_text.txt`` and the 64 premises of
 ``data/nli_sample.jsonl``: plain prose and captions), never the data being encoded, so the quantised model
