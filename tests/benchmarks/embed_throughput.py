@@ -13,7 +13,8 @@ fp32 with the decoder under ``torch.compile`` (inductor, dynamic shapes, frozen 
 prefix, whose key/value cache object would recompile the graph): its one-off compile (on a 128-sentence
 warm-up) is reported apart and added to its STS7 time; and ``quantize=int8`` (SmoothQuant-style smoothing,
 dynamic int8 q/k/v and gate/up projections; its setup, calibration included, reported apart), and, as a
-lever under test, the same with down_proj in int8 too (``sempa_int8_down_proj``; not an option of the library).
+lever under test, the same with down_proj in int8 too (``sempa_int8_down_proj``; not an option of the library;
+since e94bdbe its input is smoothed as well).
 ``--arms`` runs a subset (the baseline always runs). Runs alternate (baseline, fp32, ...,
 baseline, ...) so background load hits all alike; the median of ``--repeats`` is reported, with the
 time a full STS7 workload (37.7k sentences) would take at each rate.
