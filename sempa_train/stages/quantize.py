@@ -80,6 +80,7 @@ def input_maxima(model: Any, encode: Callable[[Sequence[str]], Any], sentences: 
 
 
 def _smoothing_scale(linears: Sequence[torch.nn.Linear], act_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel ``s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)`` over ``linears``' columns."""
     weight_max = torch.stack([linear.weight.abs().amax(0) for linear in linears]).amax(0).clamp(min=1e-5)
     return (act_max.clamp(min=1e-5) ** alpha / weight_max ** (1 - alpha)).clamp(min=1e-5)
 
