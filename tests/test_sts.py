@@ -42,6 +42,7 @@ def test_senteval_loaders_follow_senteval(tmp_path):
     stsb = load_senteval_task(root, "STSBenchmark", "dev")[0]
     assert (stsb.sent1, stsb.sent2, stsb.scores.tolist()) == (
         ["A man plays.", 'It "rains".'], ["A man is playing.", "The sun shines."], [5.0, 0.5])
+    assert stsb.genres == ("main-captions", "main-news") and stsb.sources == ("MSRvid", "headlines")
     sick = load_senteval_task(root, "SICKRelatedness", "test")[0]
     assert sick.sent2 == ["A dog is running.", "A car."] and sick.scores.tolist() == [4.9, 1.2]
 

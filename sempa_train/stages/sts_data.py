@@ -49,6 +49,7 @@ class STSSubset:
     sent2: list[str]
     scores: np.ndarray
     genres: tuple[str, ...] = ()  # each pair's genre where the file has one (STS-B: main-captions, ...), else empty
+    sources: tuple[str, ...] = ()  # each pair's source corpus where the file names one (STS-B: MSRvid, ...)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -101,8 +102,8 @@ GENRE_ALIASES = {"main-forums": "main-forum"}
 
 
 def load_stsb(path: Path, split: str) -> STSSubset:
-    """An STS Benchmark csv (no header; genre in column 1, score, sentence1, sentence2 in columns 5-7)."""
-    sent1, sent2, scores, genres = [], [], [], []
+    """An STS Benchmark csv (no header; genre and source in columns 1-2, score, sentence1, sentence2 in 5-7)."""
+    sent1, sent2, scores, genres, sources = [], [], [], [], []
     for lineno, line in enumerate(_read_lines(path), 1):
         if not line.strip():
             continue
@@ -113,7 +114,9 @@ def load_stsb(path: Path, split: str) -> STSSubset:
         sent1.append(_join(parts[5]))
         sent2.append(_join(parts[6]))
         genres.append(GENRE_ALIASES.get(parts[0], parts[0]))
-    return STSSubset("STSBenchmark", split, split, sent1, sent2, np.asarray(scores, dtype=np.float64), tuple(genres))
+        sources.append(parts[1])
+    return STSSubset("STSBenchmark", split, split, sent1, sent2, np.asarray(scores, dtype=np.float64), tuple(genres),
+                     tuple(sources))
 
 
 def load_sick(path: Path, split: str) -> STSSubset:

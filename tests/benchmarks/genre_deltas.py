@@ -3,9 +3,10 @@
     python tests/benchmarks/genre_deltas.py outputs/runs/recipe-seed3 outputs/runs/recipe-seed4 --name genre-deltas
 
 Reads each run's ``eval/base.predictions.parquet`` and ``eval/tuned.predictions.parquet`` (the cosine of every
-STS-B dev pair, in file order) and the genre columns of ``sts-dev.csv``; runs no model. STS-B dev mixes genres in
-other proportions than STS-B train (dev 25 % forums, train 8 %; news 33 % against 57 %), so an in-training probe
-of random train pairs reads mostly the genres where a model gains least: this script shows which those are.
+STS-B dev pair, in file order) and STS-B dev's genre and source columns (``sts_data``); runs no model. STS-B dev
+mixes genres in other proportions than STS-B train (dev 25 % forums, train 8 %; news 33 % against 57 %), so an
+in-training probe of random train pairs reads mostly the genres where a model gains least: this script shows
+which those are.
 Writes ``tests/benchmarks/results/<name>.json`` and prints a markdown table.
 """
 
@@ -19,22 +20,17 @@ import polars as pl
 from common import save
 from scipy.stats import spearmanr
 
-
-def dev_rows(senteval_dir: Path) -> list[list[str]]:
-    """The tab-separated columns of every STS-B dev line (genre, file, year, id, score, sentence1, sentence2)."""
-    path = senteval_dir / "STS" / "STSBenchmark" / "sts-dev.csv"
-    return [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+from sempa_train.stages.sts_data import load_senteval_task
 
 
-def cosines(path: Path, rows: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
-    """Gold scores and cosines of the STS-B pairs in ``path``, checked to be in the order of ``rows``."""
+def cosines(path: Path, gold: np.ndarray) -> np.ndarray:
+    """Cosines of the STS-B pairs in ``path``, checked to be in the order of STS-B dev (its ``gold`` scores)."""
     df = pl.read_parquet(path).filter(pl.col("task") == "STSBenchmark")
-    if df.height != len(rows):
-        raise ValueError(f"{path}: {df.height} STS-B pairs, but sts-dev.csv has {len(rows)}")
-    gold = df["gold"].to_numpy()
-    if not np.allclose(gold, [float(r[4]) for r in rows]):
-        raise ValueError(f"{path}: the gold scores are not in the order of sts-dev.csv")
-    return gold, df["cosine"].to_numpy()
+    if df.height != len(gold):
+        raise ValueError(f"{path}: {df.height} STS-B pairs, but STS-B dev has {len(gold)}")
+    if not np.allclose(df["gold"].to_numpy(), gold):
+        raise ValueError(f"{path}: the gold scores are not in the order of STS-B dev")
+    return df["cosine"].to_numpy()
 
 
 def deltas(gold: np.ndarray, base: np.ndarray, tuned: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -56,16 +52,15 @@ def main() -> None:
     parser.add_argument("--senteval-dir", type=Path, default=Path("../shared/data/senteval"))
     parser.add_argument("--name", required=True, help="results file name")
     args = parser.parse_args()
-    rows = dev_rows(args.senteval_dir)
-    files = np.array([r[1] for r in rows])
-    genres = np.array([r[0] for r in rows])
+    dev = load_senteval_task(args.senteval_dir, "STSBenchmark", "dev")[0]
+    gold, files, genres = dev.scores, np.array(dev.sources), np.array(dev.genres)
     results, lines = {}, []
     labels = sorted(set(files))
     lines.append("| run | all | " + " | ".join(f"{f} ({(files == f).sum()})" for f in labels) + " |")
     lines.append("|---" * (len(labels) + 2) + "|")
     for run in args.runs:
-        gold, base = cosines(run / "eval" / "base.predictions.parquet", rows)
-        _, tuned = cosines(run / "eval" / "tuned.predictions.parquet", rows)
+        base = cosines(run / "eval" / "base.predictions.parquet", gold)
+        tuned = cosines(run / "eval" / "tuned.predictions.parquet", gold)
         by_file = deltas(gold, base, tuned, files)
         results[str(run)] = {"by_file": by_file, "by_genre": deltas(gold, base, tuned, genres)}
         lines.append(f"| {run.name} | {by_file['all']:+.2f} | " + " | ".join(f"{by_file[f]:+.2f}" for f in labels)
