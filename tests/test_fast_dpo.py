@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sempa_train.core.config import TrainConfig
-from sempa_train.stages.fast_dpo import SharedPromptDPOTrainer, pack_pairs
+from sempa_train.stages.fast_dpo import SharedPromptDPOTrainer, common_prefix_length, pack_pairs
 from sempa_train.stages.train import train_dpo
 
 
@@ -28,6 +28,17 @@ def test_pack_pairs_layout():
     assert packed.source_row.tolist() == [0, 0, 1, 0, 0, 1, 1]
     assert packed.source_pos.tolist() == [1, 2, 1, 1, 4, 1, 3]
     assert packed.target.tolist() == [7, 8, 10, 11, 12, 13, 14]
+
+
+def test_common_prefix_stops_where_rows_differ_or_a_log_prob_is_read():
+    # two pairs with the prompt (5, 6, 7): rows 0-1 prompt+chosen, rows 2-3 prompt+rejected (pad 0)
+    input_ids = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 7, 9, 10], [5, 6, 7, 11, 0], [5, 6, 7, 12, 0]])
+    attention = (input_ids != 0).long()
+    labels = input_ids.masked_fill((torch.arange(5) < 3) | (attention == 0), -100)
+    packed = pack_pairs(input_ids, attention, labels)
+    assert common_prefix_length(packed) == 2  # (5, 6, 7) is shared, but position 2 predicts the first answer token
+    packed = pack_pairs(input_ids[[0, 2]], attention[[0, 2]], labels[[0, 2]])  # one pair: nothing to share
+    assert common_prefix_length(packed) == 0
 
 
 def test_pack_pairs_refuses_different_prompts():
@@ -67,6 +78,9 @@ def _trainers(tiny_model_dir, tmp_path):
 def test_shared_prompt_forward_gives_trls_loss_metrics_and_gradients(tiny_model_dir, tmp_path):
     plain, shared = _trainers(tiny_model_dir, tmp_path)
     batch = plain.data_collator([plain.train_dataset[i] for i in range(4)])
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    packed = pack_pairs(batch["input_ids"], batch["attention_mask"], labels)
+    assert common_prefix_length(packed) > 5  # the chat template and instruction run once for the batch
     results = []
     for trainer in (plain, shared):
         trainer.model.train()
@@ -81,6 +95,18 @@ def test_shared_prompt_forward_gives_trls_loss_metrics_and_gradients(tiny_model_
         torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6)
     for key in ("logps/chosen", "logps/rejected", "rewards/margins", "entropy", "mean_token_accuracy"):
         assert metrics_b[key] == pytest.approx(metrics_a[key], rel=1e-4, abs=1e-5), key
+
+
+def test_reference_pass_by_length_gives_trls_log_probs_in_row_order(tiny_model_dir, tmp_path):
+    from trl import DPOTrainer
+
+    plain, shared = _trainers(tiny_model_dir, tmp_path)  # answers of different lengths: sorting moves rows
+    rows = plain.train_dataset
+    expected = DPOTrainer._precompute_ref_logps(plain, rows, "train", 2)  # TRL's pass, rows in order
+    got = shared._ref_logps_by_length(rows, "train", 3)
+    assert got["prompt_ids"] == rows["prompt_ids"]
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        torch.testing.assert_close(torch.tensor(got[column]), torch.tensor(expected[column]), rtol=1e-5, atol=1e-4)
 
 
 def test_train_matches_trl_first_step_and_caches_reference_logps(tiny_model_dir, sample_prefs, tmp_path,

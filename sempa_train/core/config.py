@@ -295,6 +295,8 @@ class TrainConfig(StageConfig):
     max_length: int = option(128, "max tokens of prompt + answer")
     precompute_ref_log_probs: bool = option(True, "compute the reference log-probs once before training "
                                             "(saves a forward pass per step)")
+    ref_batch_size: int | None = option(None, "pairs per batch of the precomputed reference pass, which runs "
+                                        "shortest pairs first and without gradients (default: batch_size)")
     cache_ref_log_probs: bool = option(True, "keep precomputed reference log-probs in $SEMPA_CACHE_DIR/ref_logps, "
                                        "keyed by model, data and precision: a rerun on the same data skips that pass")
     share_prompt: bool = option(True, "run each pair as one packed sequence (prompt once, then chosen and rejected) "

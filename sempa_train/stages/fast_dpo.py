@@ -11,6 +11,10 @@ head also projects *every* position onto the 49k-word vocabulary, prompt include
 * **one packed sequence per pair**, ``prompt | chosen | rejected``, with a 4-D attention mask in which
   rejected tokens see the prompt but not the chosen answer, and position ids that restart after the
   prompt for the rejected answer — the same attention each token gets in TRL's two sequences;
+* **the tokens every pair of the batch starts with once** (SmolLM2's system turn and the start of the
+  instruction: 33 tokens, about 40 % of a packed pair): their keys and values are computed for one row
+  and handed to all rows as a cache, gradients included (LoRA dropout on them is then one draw per
+  batch, as it is one draw per pair for the prompt);
 * **the LM head over completion positions only** (the last prompt token predicts the first token of
   both answers);
 * it returns the tensors TRL's fused head returns (``log_probs``, ``entropy``, ``mean_logits``, …),
@@ -18,6 +22,7 @@ head also projects *every* position onto the 49k-word vocabulary, prompt include
   A batch that does not have that layout (prompts that differ, an MoE model, pre-shifted labels) goes
   through TRL's own forward.
 
+The precomputed reference pass runs the pairs shortest first (less padding) and returns them in row order.
 With ``ref_cache_dir`` the precomputed reference log-probs are stored under a key of (reference
 model hash, tokenized data, max length, precision), so a second run on the same data skips that pass.
 """
@@ -122,6 +127,16 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
     )
 
 
+def common_prefix_length(packed: PackedPairs) -> int:
+    """How many leading tokens all rows share and no log-prob is read from (0 for a single row): those
+    tokens' hidden states, keys and values are the same in every row, so they need computing only once."""
+    ids = packed.input_ids
+    if ids.size(0) < 2:
+        return 0
+    same = (ids == ids[:1]).all(dim=0).int().cumprod(dim=0)
+    return min(int(same.sum()), int(packed.source_pos.min()))
+
+
 def completion_token_stats(hidden: torch.Tensor, lm_head: torch.nn.Module, target: torch.Tensor,
                            outputs: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Per-token log-prob of ``target`` (with gradient) and the metric fields TRL's fused head can return."""
@@ -152,10 +167,20 @@ def shared_prompt_forward(model: Any, packed: PackedPairs, label_mask: torch.Ten
     dtype = MASKS_BY_IMPLEMENTATION[model.config._attn_implementation]
     if dtype is not torch.bool:  # eager attention adds the mask to the scores
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    hidden = model.base_model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                              use_cache=False).last_hidden_state
-    stats = completion_token_stats(hidden[packed.source_row, packed.source_pos], model.get_output_embeddings(),
-                                   packed.target, outputs)
+    backbone, shared = model.base_model, common_prefix_length(packed)
+    if model.is_gradient_checkpointing and torch.is_grad_enabled():
+        shared = 0  # a checkpointed layer re-runs its forward, and would append to the cache twice
+    cache = None
+    if shared:
+        # The tokens every row starts with (chat template, instruction) once, their keys/values given to every row
+        cache = backbone(input_ids=packed.input_ids[:1, :shared], position_ids=packed.position_ids[:1, :shared],
+                         use_cache=True).past_key_values
+        cache.batch_repeat_interleave(packed.input_ids.size(0))
+    hidden = backbone(input_ids=packed.input_ids[:, shared:], attention_mask=mask[:, :, shared:],
+                      position_ids=packed.position_ids[:, shared:], past_key_values=cache,
+                      use_cache=False).last_hidden_state
+    stats = completion_token_stats(hidden[packed.source_row, packed.source_pos - shared],
+                                   model.get_output_embeddings(), packed.target, outputs)
     per_token = {name: value.new_zeros(label_mask.shape).masked_scatter(label_mask, value)
                  for name, value in stats.items()}
     loss = -stats["log_probs"].sum() / label_mask.sum().clamp(min=1)
@@ -248,7 +273,7 @@ class SharedPromptDPOTrainer(DPOTrainer):
     def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
         self._install_forward()
         if self.ref_cache_dir is None:
-            return super()._precompute_ref_logps(dataset, name, batch_size)
+            return self._ref_logps_by_length(dataset, name, batch_size)
         path = self.ref_cache_dir / f"{self._ref_cache_key(dataset)}.parquet"
         self.ref_cache_hit = path.is_file()
         if self.ref_cache_hit:
@@ -259,11 +284,25 @@ class SharedPromptDPOTrainer(DPOTrainer):
                     dataset = dataset.add_column(column, cached[column].to_list())
                 return dataset
             log.warning("train: ignoring %s: %d rows for a dataset of %d", path, cached.height, len(dataset))
-        dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+        dataset = self._ref_logps_by_length(dataset, name, batch_size)
         if self.accelerator.is_main_process:
             write_parquet(pl.DataFrame({c: dataset[c] for c in REF_LOGPS_SCHEMA}, schema=REF_LOGPS_SCHEMA),
                           path, REF_LOGPS_SCHEMA)
         return dataset
+
+    def _ref_logps_by_length(self, dataset: Any, name: str, batch_size: int) -> Any:
+        """TRL's reference pass over the rows shortest first, so each batch is padded to rows of its own length;
+        the rows come back in their own order. Each row's log-probs do not depend on its batch-mates."""
+        lengths = [len(p) + len(c) + len(r) for p, c, r in
+                   zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)]
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        if order == list(range(len(order))):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        scored = super()._precompute_ref_logps(dataset.select(order).flatten_indices(), name, batch_size)
+        restore = [0] * len(order)
+        for position, row in enumerate(order):
+            restore[row] = position
+        return scored.select(restore).flatten_indices()
 
     def _ref_cache_key(self, dataset: Any) -> str:
         """Hash of what the reference log-probs depend on: model weights, tokens, truncation, precision, forward."""

@@ -138,6 +138,7 @@ def build_dpo_config(cfg: TrainConfig, output_dir: Path, device: torch.device, p
         gradient_accumulation_steps=accumulation_steps(cfg, processes),
         max_length=cfg.max_length,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        precompute_ref_batch_size=cfg.ref_batch_size,
         gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=bf16,
         use_cpu=device.type == "cpu",
