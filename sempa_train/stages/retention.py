@@ -58,21 +58,31 @@ def held_out_texts(path: str | Path, limit: int) -> list[str]:
     return unique[:limit]
 
 
+# Part of the base-result cache key: raise it when the probes compute something different for the same model
+# (2: perplexity's cross-entropy over (token, vocabulary) rows, which agrees with float64 where 1's did not).
+PROBES_VERSION = 2
+
+
 @torch.inference_mode()
 def perplexity(
     model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 16, max_length: int = 256
 ) -> float:
-    """exp(mean negative log-likelihood per predicted token) over ``texts`` (right padding, pads ignored)."""
+    """exp(mean negative log-likelihood per predicted token) over ``texts``: batches of similar length (right
+    padding, pads ignored), so little of the work is spent on padding."""
     device = next(model.parameters()).device
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
-                          truncation=True, max_length=max_length, padding_side="right").to(device)
-        logits = model(**batch).logits[:, :-1].float()
-        targets = batch["input_ids"][:, 1:]
-        mask = batch["attention_mask"][:, 1:].bool()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        total_nll += float(nll[mask].sum())
+    for start in range(0, len(order), batch_size):
+        rows = [ids[i] for i in order[start : start + batch_size]]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+        mask = attention[:, 1:].bool()
+        nll = torch.nn.functional.cross_entropy(logits[mask], input_ids[:, 1:][mask], reduction="sum")
+        total_nll += float(nll)
         total_tokens += int(mask.sum())
     return math.exp(total_nll / max(total_tokens, 1))
 
@@ -123,7 +133,7 @@ def run_retention(model: str, adapter: str | Path | None, cfg: RetentionConfig, 
         return _run_probes(model, adapter, cfg, encoder)
     settings = {k: v for k, v in cfg.to_dict().items() if k != "text_file"}
     key = result_key("retention", {"model": model_fingerprint(model), "config": settings, "encoder": encoder.name,
-                                   "text": file_sha256(Path(cfg.text_file))})
+                                   "text": file_sha256(Path(cfg.text_file)), "probes": PROBES_VERSION})
     entry = lookup("retention", key)
     if entry is not None:
         return {**read_json(entry / "retention.json"), "text_file": cfg.text_file}
