@@ -89,3 +89,11 @@ def test_two_process_training(tiny_model_dir, sample_prefs, tmp_path):
     assert manifest["processes"] == 2 and manifest["effective_batch_size"] == 8  # 2 per step x 2 accumulated x 2
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not list(tmp_path.glob(".ddp.partial*"))
+
+
+def test_reference_batch_size_reaches_trl(tmp_path):
+    from sempa_train.stages.train import build_dpo_config
+
+    cpu = torch.device("cpu")
+    assert build_dpo_config(TrainConfig(bf16=False), tmp_path, cpu).precompute_ref_batch_size is None  # = batch
+    assert build_dpo_config(TrainConfig(bf16=False, ref_batch_size=32), tmp_path, cpu).precompute_ref_batch_size == 32
