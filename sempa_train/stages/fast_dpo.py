@@ -45,6 +45,7 @@ from trl import DPOTrainer
 
 from sempa_train.core.io import write_parquet
 from sempa_train.core.result_cache import result_key
+from sempa_train.stages.embedding import common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +131,9 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
 def common_prefix_length(packed: PackedPairs) -> int:
     """How many leading tokens all rows share and no log-prob is read from (0 for a single row): those
     tokens' hidden states, keys and values are the same in every row, so they need computing only once."""
-    ids = packed.input_ids
-    if ids.size(0) < 2:
+    if packed.input_ids.size(0) < 2:
         return 0
-    same = (ids == ids[:1]).all(dim=0).int().cumprod(dim=0)
-    return min(int(same.sum()), int(packed.source_pos.min()))
+    return min(len(common_prefix(packed.input_ids.tolist())), int(packed.source_pos.min()))
 
 
 def completion_token_stats(hidden: torch.Tensor, lm_head: torch.nn.Module, target: torch.Tensor,
@@ -296,8 +295,6 @@ class SharedPromptDPOTrainer(DPOTrainer):
         lengths = [len(p) + len(c) + len(r) for p, c, r in
                    zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)]
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
-        if order == list(range(len(order))):
-            return super()._precompute_ref_logps(dataset, name, batch_size)
         scored = super()._precompute_ref_logps(dataset.select(order).flatten_indices(), name, batch_size)
         restore = [0] * len(order)
         for position, row in enumerate(order):

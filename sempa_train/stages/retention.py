@@ -72,16 +72,13 @@ def perplexity(
     device = next(model.parameters()).device
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(order), batch_size):
-        rows = [ids[i] for i in order[start : start + batch_size]]
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-        mask = attention[:, 1:].bool()
-        nll = torch.nn.functional.cross_entropy(logits[mask], input_ids[:, 1:][mask], reduction="sum")
+        batch = tokenizer.pad({"input_ids": [ids[i] for i in order[start : start + batch_size]]},
+                              padding_side="right", return_tensors="pt").to(device)
+        logits = model(**batch).logits[:, :-1].float()
+        mask = batch["attention_mask"][:, 1:].bool()
+        nll = torch.nn.functional.cross_entropy(logits[mask], batch["input_ids"][:, 1:][mask], reduction="sum")
         total_nll += float(nll)
         total_tokens += int(mask.sum())
     return math.exp(total_nll / max(total_tokens, 1))
