@@ -100,8 +100,7 @@ def _smooth(norm: torch.nn.Module, linears: Sequence[torch.nn.Linear], act_max: 
 
 @torch.no_grad()
 def smooth(model: Any, maxima: dict[str, torch.Tensor], alpha: float = ALPHA) -> Any:
-    """A copy of ``model`` with every layer's q/k/v and gate/up inputs smoothed (the same function in fp32)."""
-    model = copy.deepcopy(model)
+    """``model`` with every layer's q/k/v and gate/up inputs smoothed in place (the same function in fp32)."""
     for i, layer in enumerate(model.get_decoder().layers):
         attention, mlp = layer.self_attn, layer.mlp
         _smooth(layer.input_layernorm, [attention.q_proj, attention.k_proj, attention.v_proj],
@@ -171,19 +170,21 @@ class Int8Linear(torch.nn.Module):
 def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1, alpha: float = ALPHA,
                   sentences: Sequence[str] | None = None, names: Sequence[str] = QUANTIZED,
                   rotation: int = ROTATION_BLOCK) -> Any:
-    """The smoothed model with its ``names`` projections in int8 (``Int8Linear``, CPU), down_proj's input rotated
-    in blocks of up to ``rotation`` channels (1: not rotated), calibrated by running PromptEOL (``template``,
-    ``layer``) on ``sentences`` one a batch: padding positions would enter the activation maxima with values no
-    real token has."""
+    """A smoothed copy of ``model`` with its ``names`` projections in int8 (``Int8Linear``, CPU), down_proj's input
+    rotated in blocks of up to ``rotation`` channels (1: not rotated), calibrated by
+    running PromptEOL (``template``, ``layer``) on ``sentences`` one a batch, as the int8 encoder runs: the
+    template's opening by ``model`` in fp32 (so its activations stay out of the maxima), the rest by the copy.
+    One a batch because padding positions would enter the maxima with values no real token has."""
     from sempa_train.stages.embedding import PromptEOLEncoder
 
     sentences = list(sentences) if sentences is not None else calibration_sentences()
-    calibrate = PromptEOLEncoder(model, tokenizer, template=template, layer=layer, batch_size=1,
-                                 show_progress=False).encode
-    smoothed = smooth(model, input_maxima(model, calibrate, sentences), alpha)
+    quantized = copy.deepcopy(model)
+    calibrate = PromptEOLEncoder(quantized, tokenizer, template=template, layer=layer, batch_size=1,
+                                 show_progress=False, prefix_model=model).encode
+    smooth(quantized, input_maxima(quantized, calibrate, sentences), alpha)
     levels = 127 if cpu_has_int8_dot() else 63
     count = 0
-    for block in smoothed.get_decoder().layers:
+    for block in quantized.get_decoder().layers:
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if name in names and isinstance(child, torch.nn.Linear):
@@ -193,4 +194,4 @@ def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1,
     log.info("int8 PromptEOL: %d linear layers quantised after smoothing (alpha %.2f, %d calibration sentences, "
              "weights in +-%d%s)", count, alpha, len(sentences), levels,
              "" if levels == 127 else ": this CPU has no int8 dot-product instructions")
-    return smoothed
+    return quantized

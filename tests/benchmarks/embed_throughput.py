@@ -89,7 +89,8 @@ def main() -> None:
     ours_int8_fp32_down = (PromptEOLEncoder(quantize_int8(ours_fp32.model, ours_fp32.tokenizer,
                                                           template=PROMPTEOL_TEMPLATE,
                                                           names=LAYER_SETS["without_down_proj"]),
-                                            ours_fp32.tokenizer, batch_size=64, show_progress=False)
+                                            ours_fp32.tokenizer, batch_size=64, show_progress=False,
+                                            prefix_model=ours_fp32.model)
                            if "sempa_int8_without_down_proj" in args.arms else None)
     ours_compiled = PromptEOLEncoder(ours_fp32.model, ours_fp32.tokenizer, batch_size=64, show_progress=False,
                                      share_prefix=False)

@@ -14,7 +14,6 @@ to use is chosen on these numbers, not on an STS dev score. Writes
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import numpy as np
@@ -65,9 +64,10 @@ def main() -> None:
                 for rotation in (args.rotations if "down_proj" in LAYER_SETS[layer_set] else [1])]
     for layer_set, alpha, rotation in settings:
         start = time.perf_counter()
-        quantized = quantize_int8(copy.deepcopy(model), tokenizer, template=PROMPTEOL_TEMPLATE, alpha=alpha,
+        quantized = quantize_int8(model, tokenizer, template=PROMPTEOL_TEMPLATE, alpha=alpha,
                                   names=LAYER_SETS[layer_set], rotation=rotation)
-        vectors = PromptEOLEncoder(quantized, tokenizer, batch_size=64, show_progress=False).encode(sentences)
+        vectors = PromptEOLEncoder(quantized, tokenizer, batch_size=64, show_progress=False,
+                                   prefix_model=model).encode(sentences)  # as load_encoder builds it
         row = {
             "layers": layer_set, "alpha": alpha, "rotation": rotation,
             "mean_cosine_to_fp32": round(float(np.mean(np.sum(unit(vectors) * unit(reference), axis=1))), 5),
