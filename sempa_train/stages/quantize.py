@@ -46,12 +46,7 @@ CALIBRATION_FILES = (DATA / "heldout_text.txt", DATA / "nli_sample.jsonl")  # on
 # How much of the activation range moves into the weights: the setting whose pair similarities follow fp32 most
 # closely on 1,000 SNLI-test premises among 0.5/0.65/0.8/0.9 (tests/benchmarks/int8_fidelity.py; no STS score).
 ALPHA = 0.65
-QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Projections whose input is rotated rather than smoothed: down_proj's input, SiLU(gate) x up, is behind no norm to
-# fold a scale into and has the widest range. Block of 128: the down_proj setting whose pair similarities followed
-# fp32 most closely among 64/128/512 (tests/benchmarks/int8_fidelity.py).
-ROTATED = ("down_proj",)
-ROTATION_BLOCK = 128
+QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 
 
 def calibration_sentences(files: Sequence[Path] = CALIBRATION_FILES) -> list[str]:
@@ -99,32 +94,27 @@ def _smooth(norm: torch.nn.Module, linears: Sequence[torch.nn.Linear], act_max: 
 
 
 @torch.no_grad()
+def _smooth_down(up: torch.nn.Linear, down: torch.nn.Linear, act_max: torch.Tensor, alpha: float) -> None:
+    """down_proj's input is SiLU(gate) x up, linear in up's output: dividing up's output channel ``j`` by
+    ``s_j`` and multiplying down's input column ``j`` by it leaves the MLP's function unchanged."""
+    scale = _smoothing_scale([down], act_max, alpha)
+    up.weight.div_(scale[:, None])
+    if up.bias is not None:
+        up.bias.div_(scale)
+    down.weight.mul_(scale)
+
+
 def smooth(model: Any, maxima: dict[str, torch.Tensor], alpha: float = ALPHA) -> Any:
-    """``model`` with every layer's q/k/v and gate/up inputs smoothed in place (the same function in fp32)."""
+    """``model`` with every layer's q/k/v and gate/up inputs smoothed in place, and down_proj's input too where
+    ``maxima`` has it (the same function in fp32)."""
     for i, layer in enumerate(model.get_decoder().layers):
         attention, mlp = layer.self_attn, layer.mlp
         _smooth(layer.input_layernorm, [attention.q_proj, attention.k_proj, attention.v_proj],
                 maxima[f"{i}.self_attn.q_proj"], alpha)
         _smooth(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], maxima[f"{i}.mlp.gate_proj"], alpha)
+        if f"{i}.mlp.down_proj" in maxima:
+            _smooth_down(mlp.up_proj, mlp.down_proj, maxima[f"{i}.mlp.down_proj"], alpha)
     return model
-
-
-def hadamard(size: int) -> torch.Tensor:
-    """The orthonormal Sylvester-Hadamard matrix of ``size`` (a power of two): symmetric and its own inverse."""
-    if size < 1 or size & (size - 1):
-        raise ValueError(f"a Hadamard rotation needs a power of two, got {size}")
-    matrix = torch.ones(1, 1)
-    while matrix.shape[0] < size:
-        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)])
-    return matrix / size**0.5
-
-
-def rotation_block(features: int, largest: int = ROTATION_BLOCK) -> int:
-    """The largest power of two up to ``largest`` that divides ``features``: the block size of the rotation."""
-    block = 1
-    while block * 2 <= largest and features % (block * 2) == 0:
-        block *= 2
-    return block
 
 
 class Int8Linear(torch.nn.Module):
@@ -133,19 +123,11 @@ class Int8Linear(torch.nn.Module):
     accumulated in int32 by ``torch._int_mm`` and rescaled to fp32. ``weight_levels`` is the largest integer a
     weight may take: 127, or 63 on a CPU without int8 dot-product instructions, where oneDNN adds pairs of
     (activation + 128) x weight products in int16 and full-range weights overflow it (255 x 127 x 2 > 32767;
-    with 7-bit weights the product is exact: tests/test_embedding.py checks both in an AVX2-capped process).
+    with 7-bit weights the product is exact: tests/test_embedding.py checks both in an AVX2-capped process)."""
 
-    ``rotation`` > 1 rotates the input in blocks of that many channels by an orthonormal Hadamard matrix ``H``
-    before quantising it, and the weights by the same matrix once (``W x = (W H)(H x)``, as ``H H = I``): a
-    channel far larger than the rest is spread over its block, so one scale per token fits all channels."""
-
-    def __init__(self, linear: torch.nn.Linear, weight_levels: int = 127, rotation: int = 1) -> None:
+    def __init__(self, linear: torch.nn.Linear, weight_levels: int = 127) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
-        self.rotation = rotation
-        if rotation > 1:
-            self.register_buffer("hadamard", hadamard(rotation))
-            weight = (weight.reshape(weight.shape[0], -1, rotation) @ self.hadamard).reshape(weight.shape)
         scale = (weight.abs().amax(1) / weight_levels).clamp(min=1e-8)
         self.register_buffer("weight_t", (weight / scale[:, None]).round().clamp(-weight_levels, weight_levels)
                              .to(torch.int8).t().contiguous())  # (in, out): the layout _int_mm reads fastest
@@ -155,8 +137,6 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).float()
-        if self.rotation > 1:  # one (rows x blocks, block) @ (block, block) product
-            rows = (rows.reshape(-1, self.rotation) @ self.hadamard).reshape(-1, x.shape[-1])
         scale = rows.abs().amax(1, keepdim=True).div_(127).clamp_(min=1e-8)
         # The int32 product times the fp32 row scales is one pass that also converts (type promotion); then the
         # channel scales in place: no (rows x out) scale matrix and no separate int32 -> fp32 copy.
@@ -168,28 +148,26 @@ class Int8Linear(torch.nn.Module):
 
 
 def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1, alpha: float = ALPHA,
-                  sentences: Sequence[str] | None = None, names: Sequence[str] = QUANTIZED,
-                  rotation: int = ROTATION_BLOCK) -> Any:
-    """A smoothed copy of ``model`` with its ``names`` projections in int8 (``Int8Linear``, CPU), down_proj's input
-    rotated in blocks of up to ``rotation`` channels (1: not rotated), calibrated by
-    running PromptEOL (``template``, ``layer``) on ``sentences`` one a batch, as the int8 encoder runs: the
-    template's opening by ``model`` in fp32 (so its activations stay out of the maxima), the rest by the copy.
-    One a batch because padding positions would enter the maxima with values no real token has."""
+                  sentences: Sequence[str] | None = None, names: Sequence[str] = QUANTIZED) -> Any:
+    """A smoothed copy of ``model`` with its ``names`` projections in int8 (``Int8Linear``, CPU), calibrated by
+    running PromptEOL (``template``, ``layer``) on ``sentences`` as the int8 encoder runs it: the template's
+    opening through ``model`` in fp32 (so its activations stay out of the maxima), the rest through the copy, one
+    sentence a batch (padding positions would enter the maxima with values no real token has)."""
     from sempa_train.stages.embedding import PromptEOLEncoder
 
     sentences = list(sentences) if sentences is not None else calibration_sentences()
     quantized = copy.deepcopy(model)
     calibrate = PromptEOLEncoder(quantized, tokenizer, template=template, layer=layer, batch_size=1,
                                  show_progress=False, prefix_model=model).encode
-    smooth(quantized, input_maxima(quantized, calibrate, sentences), alpha)
+    observed = ("q_proj", "gate_proj", "down_proj") if "down_proj" in names else ("q_proj", "gate_proj")
+    smooth(quantized, input_maxima(quantized, calibrate, sentences, observed), alpha)
     levels = 127 if cpu_has_int8_dot() else 63
     count = 0
     for block in quantized.get_decoder().layers:
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if name in names and isinstance(child, torch.nn.Linear):
-                    turn = rotation_block(child.in_features, rotation) if name in ROTATED else 1
-                    setattr(parent, name, Int8Linear(child, levels, turn))
+                    setattr(parent, name, Int8Linear(child, levels))
                     count += 1
     log.info("int8 PromptEOL: %d linear layers quantised after smoothing (alpha %.2f, %d calibration sentences, "
              "weights in +-%d%s)", count, alpha, len(sentences), levels,

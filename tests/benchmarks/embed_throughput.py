@@ -12,9 +12,10 @@ with ``dtype=auto`` (bf16 where the CPU has bf16 units), and, as a lever tried a
 fp32 with the decoder under ``torch.compile`` (inductor, dynamic shapes, frozen weights; without the shared
 prefix, whose key/value cache object would recompile the graph): its one-off compile (on a 128-sentence
 warm-up) is reported apart and added to its STS7 time; and ``quantize=int8`` (SmoothQuant-style smoothing,
-int8 q/k/v, o, gate/up and down projections, down_proj's input Hadamard-rotated; its setup, calibration included,
-reported apart), and the same with down_proj left in fp32 (``sempa_int8_without_down_proj``, the int8 default
-before the rotation).
+dynamic int8 q/k/v and gate/up projections; its setup, calibration included, reported apart), and, as a
+lever under test, the same with down_proj in int8 too (``sempa_int8_down_proj``; not an option of the library;
+since e94bdbe its input is smoothed as well).
+Each arm's Spearman change from the baseline comes with its 95 % paired-bootstrap interval over the pairs.
 ``--arms`` runs a subset (the baseline always runs). Runs alternate (baseline, fp32, ...,
 baseline, ...) so background load hits all alike; the median of ``--repeats`` is reported, with the
 time a full STS7 workload (37.7k sentences) would take at each rate.
@@ -37,12 +38,12 @@ from sempa_train.core.config import EmbedConfig
 from sempa_train.core.models import load_causal_lm
 from sempa_train.core.templates import PROMPTEOL_TEMPLATE, prompteol_prompt
 from sempa_train.stages.embedding import PromptEOLEncoder, cosine, load_encoder
-from sempa_train.stages.evaluation import spearman100
+from sempa_train.stages.evaluation import paired_bootstrap, spearman100
 from sempa_train.stages.quantize import quantize_int8
 from sempa_train.stages.sts_data import load_senteval_task
 
 ARMS = ["baseline_fp32", "sempa_fp32_no_shared_prefix", "sempa_fp32", "sempa_auto", "sempa_fp32_compiled",
-        "sempa_int8", "sempa_int8_without_down_proj"]
+        "sempa_int8", "sempa_int8_down_proj"]
 STS7_SENTENCES = 37_700  # both sides of every pair of STS12-16, STS-B test and SICK-R test
 
 
@@ -74,8 +75,8 @@ def main() -> None:
     sentences = sts.sent1 + sts.sent2
     n = len(sts)
 
-    def spearman(vectors: np.ndarray) -> float:
-        return spearman100(cosine(vectors[:n], vectors[n:]), sts.scores)
+    def similarities(vectors: np.ndarray) -> np.ndarray:
+        return cosine(vectors[:n], vectors[n:])
 
     naive_model, naive_tok = load_causal_lm(args.model, dtype=torch.float32)
     ours_fp32 = load_encoder(args.model, EmbedConfig(dtype="float32", batch_size=64), show_progress=False)
@@ -86,12 +87,11 @@ def main() -> None:
     ours_int8 = (load_encoder(args.model, EmbedConfig(quantize="int8", batch_size=64), show_progress=False)
                  if "sempa_int8" in args.arms else None)
     int8_setup_seconds = time.perf_counter() - start  # loading, calibration and quantisation
-    ours_int8_fp32_down = (PromptEOLEncoder(quantize_int8(ours_fp32.model, ours_fp32.tokenizer,
-                                                          template=PROMPTEOL_TEMPLATE,
-                                                          names=LAYER_SETS["without_down_proj"]),
-                                            ours_fp32.tokenizer, batch_size=64, show_progress=False,
-                                            prefix_model=ours_fp32.model)
-                           if "sempa_int8_without_down_proj" in args.arms else None)
+    ours_int8_down = (PromptEOLEncoder(quantize_int8(ours_fp32.model, ours_fp32.tokenizer, template=PROMPTEOL_TEMPLATE,
+                                                     names=LAYER_SETS["with_down_proj"]),
+                                       ours_fp32.tokenizer, batch_size=64, show_progress=False,
+                                       prefix_model=ours_fp32.model)
+                      if "sempa_int8_down_proj" in args.arms else None)
     ours_compiled = PromptEOLEncoder(ours_fp32.model, ours_fp32.tokenizer, batch_size=64, show_progress=False,
                                      share_prefix=False)
     ours_compiled.decoder = torch.compile(ours_compiled.decoder, dynamic=True)
@@ -113,18 +113,21 @@ def main() -> None:
         "sempa_auto": lambda: ours_auto.encode(sentences),
         "sempa_fp32_compiled": lambda: compiled_encode(sentences),
         "sempa_int8": lambda: ours_int8.encode(sentences),
-        "sempa_int8_without_down_proj": lambda: ours_int8_fp32_down.encode(sentences),
+        "sempa_int8_down_proj": lambda: ours_int8_down.encode(sentences),
     }
     runners = {name: run for name, run in runners.items() if name in args.arms}
     times: dict[str, list[float]] = {k: [] for k in runners}
-    scores: dict[str, float] = {}
+    sims: dict[str, np.ndarray] = {}
     for _ in range(args.repeats):
         for name, run in runners.items():
             start = time.perf_counter()
             vectors = run()
             times[name].append(time.perf_counter() - start)
-            scores[name] = spearman(vectors)
-            print(f"{name}: {times[name][-1]:.1f}s spearman {scores[name]:.2f}", flush=True)
+            sims[name] = similarities(vectors)
+            print(f"{name}: {times[name][-1]:.1f}s spearman {spearman100(sims[name], sts.scores):.2f}", flush=True)
+
+    gold = np.asarray(sts.scores)
+    scores = {name: spearman100(sim, gold) for name, sim in sims.items()}
 
     base = statistics.median(times["baseline_fp32"])
     rows = {
@@ -134,6 +137,8 @@ def main() -> None:
             "speedup_vs_baseline": round(base / statistics.median(t), 2),
             "stsb_dev_spearman": round(scores[name], 2),
             "spearman_delta_vs_baseline": round(scores[name] - scores["baseline_fp32"], 2),
+            # 95 % paired bootstrap over the 1,500 pairs: what one dev set's sampling noise allows
+            "spearman_delta_ci95": [round(x, 2) for x in paired_bootstrap(gold, sims["baseline_fp32"], sims[name])],
             "sts7_minutes_extrapolated": round(STS7_SENTENCES / (len(sentences) / statistics.median(t)) / 60, 1),
         }
         for name, t in times.items()
