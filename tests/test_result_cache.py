@@ -7,6 +7,7 @@ import pytest
 from test_sts import make_senteval
 
 import sempa_train.stages.evaluation as evaluation
+import sempa_train.stages.quantize as quantize
 from sempa_train.core.config import EmbedConfig, EvalConfig, RetentionConfig
 from sempa_train.stages.evaluation import run_sts_eval, sts_cache_key
 from sempa_train.stages.sts_data import load_tasks
@@ -23,7 +24,7 @@ def _cfg(senteval, **changes):
     return EvalConfig(tasks=("STSBenchmark",), split="dev", senteval_dir=str(senteval)).replace(**changes)
 
 
-def test_sts_cache_key_changes_with_each_input(tiny_model_dir, senteval, tmp_path):
+def test_sts_cache_key_changes_with_each_input(tiny_model_dir, senteval, tmp_path, monkeypatch):
     cfg = _cfg(senteval)
     tasks = load_tasks(cfg.tasks, cfg.split, cfg.senteval_dir)
     key = sts_cache_key(tiny_model_dir, cfg, EMBED, tasks)
@@ -45,6 +46,11 @@ def test_sts_cache_key_changes_with_each_input(tiny_model_dir, senteval, tmp_pat
     assert sts_cache_key(tiny_model_dir, two_tasks, EMBED, load_tasks(two_tasks.tasks, "dev", senteval)) != key
     assert sts_cache_key(tiny_model_dir, cfg, EMBED.replace(layer=-2), tasks) != key
     assert sts_cache_key(tiny_model_dir, cfg, EMBED.replace(batch_size=8), tasks) != key
+    int8 = EMBED.replace(quantize="int8")
+    int8_key = sts_cache_key(tiny_model_dir, cfg, int8, tasks)
+    monkeypatch.setattr(quantize, "INT8_VERSION", quantize.INT8_VERSION + 1)  # the int8 scheme changed
+    assert sts_cache_key(tiny_model_dir, cfg, int8, tasks) != int8_key
+    assert sts_cache_key(tiny_model_dir, cfg, EMBED, tasks) == key  # results without int8 stay valid
     csv = senteval / "STS" / "STSBenchmark" / "sts-dev.csv"
     csv.write_text(csv.read_text().replace("5.000", "4.000"))
     assert sts_cache_key(tiny_model_dir, cfg, EMBED, load_tasks(cfg.tasks, cfg.split, senteval)) != key

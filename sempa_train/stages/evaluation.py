@@ -182,9 +182,13 @@ def tasks_sha256(tasks: dict[str, list[STSSubset]]) -> str:
 
 
 def sts_cache_key(model: str | Path, cfg: EvalConfig, embed: EmbedConfig, tasks: dict[str, list[STSSubset]]) -> str:
-    """Key of an untuned model's STS result: its weights, the tasks and split, the embedding config, the data."""
+    """Key of an untuned model's STS result: its weights, the tasks and split, the embedding config (and the int8
+    scheme's version under ``quantize="int8"``), the data."""
+    from sempa_train.stages.quantize import INT8_VERSION
+
     return result_key("sts", {"model": model_fingerprint(model), "tasks": list(cfg.tasks), "split": cfg.split,
-                              "embed": embed.to_dict(), "data": tasks_sha256(tasks)})
+                              "embed": embed.to_dict(), "data": tasks_sha256(tasks),
+                              "int8": INT8_VERSION if embed.quantize == "int8" else None})
 
 
 def run_sts_eval(

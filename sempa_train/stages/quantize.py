@@ -47,6 +47,9 @@ CALIBRATION_FILES = (DATA / "heldout_text.txt", DATA / "nli_sample.jsonl")  # on
 # closely on 1,000 SNLI-test premises among 0.5/0.65/0.8/0.9 (tests/benchmarks/int8_fidelity.py; no STS score).
 ALPHA = 0.65
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
+# Part of the key of cached int8 results: raise it when the same config starts to compute other vectors
+# (2: the template's opening in fp32, calibration without it).
+INT8_VERSION = 2
 
 
 def calibration_sentences(files: Sequence[Path] = CALIBRATION_FILES) -> list[str]:

@@ -6,7 +6,9 @@ Encodes the first ``--sentences`` distinct premises of an NLI file (SNLI test: n
 set) with SmolLM2 in fp32 and with each int8 setting (``--alphas`` x the layer sets of ``--layer-sets``), then
 compares: the mean cosine between a sentence's int8 and fp32 vectors, and, what STS depends on, the Spearman
 correlation (x 100) between the fp32 and int8 cosines of ``--pairs`` seeded random sentence pairs. The setting
-to use is chosen on these numbers, not on an STS dev score. Writes
+to use is chosen on these numbers, not on an STS dev score. With ``--senteval-dir`` it also scores the first
+``--sts-pairs`` pairs of STS-B train and SICK train (no dev set, nothing selected on them) with fp32 and each int8
+setting: the Spearman change int8 makes on STS data, with its 95 % paired-bootstrap interval. Writes
 ``tests/benchmarks/results/int8_fidelity[-TAG].json``.
 """
 
@@ -22,9 +24,11 @@ from scipy.stats import spearmanr
 
 from sempa_train.core.models import load_causal_lm
 from sempa_train.core.templates import PROMPTEOL_TEMPLATE
-from sempa_train.stages.embedding import PromptEOLEncoder
+from sempa_train.stages.embedding import PromptEOLEncoder, cosine
+from sempa_train.stages.evaluation import paired_bootstrap, spearman100
 from sempa_train.stages.quantize import QUANTIZED, quantize_int8
 from sempa_train.stages.retention import held_out_texts
+from sempa_train.stages.sts_data import STSSubset, load_senteval_task
 
 # with_down_proj: down_proj's input is smoothed too (through up_proj), as quantize_int8 does whenever it is quantised
 LAYER_SETS = {"default": QUANTIZED, "with_down_proj": (*QUANTIZED, "down_proj")}
@@ -32,6 +36,16 @@ LAYER_SETS = {"default": QUANTIZED, "with_down_proj": (*QUANTIZED, "down_proj")}
 
 def unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def sts_sets(senteval_dir: str, pairs: int) -> list[STSSubset]:
+    """The first ``pairs`` pairs of STS-B train and SICK train."""
+    sets = [load_senteval_task(senteval_dir, task, "train")[0] for task in ("STSBenchmark", "SICKRelatedness")]
+    return [STSSubset(s.task, s.name, s.split, s.sent1[:pairs], s.sent2[:pairs], s.scores[:pairs]) for s in sets]
+
+
+def sts_similarities(encoder: PromptEOLEncoder, sets: list[STSSubset]) -> dict[str, np.ndarray]:
+    return {s.task: cosine(encoder.encode(s.sent1), encoder.encode(s.sent2)) for s in sets}
 
 
 def main() -> None:
@@ -42,12 +56,17 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.65, 0.8, 0.9])
     parser.add_argument("--layer-sets", nargs="+", default=["default"], choices=sorted(LAYER_SETS))
+    parser.add_argument("--senteval-dir", default=None, help="also score STS-B train and SICK train from here")
+    parser.add_argument("--sts-pairs", type=int, default=2000, help="pairs of each STS set (first N)")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
 
     sentences = held_out_texts(args.text, args.sentences)
     model, tokenizer = load_causal_lm(args.model, dtype=torch.float32)
-    reference = PromptEOLEncoder(model, tokenizer, batch_size=64, show_progress=False).encode(sentences)
+    fp32 = PromptEOLEncoder(model, tokenizer, batch_size=64, show_progress=False)
+    reference = fp32.encode(sentences)
+    sets = sts_sets(args.senteval_dir, args.sts_pairs) if args.senteval_dir else []
+    reference_sts = sts_similarities(fp32, sets)
     rng = np.random.default_rng(0)
     left, right = rng.integers(0, len(sentences), args.pairs), rng.integers(0, len(sentences), args.pairs)
 
@@ -62,8 +81,8 @@ def main() -> None:
             start = time.perf_counter()
             quantized = quantize_int8(model, tokenizer, template=PROMPTEOL_TEMPLATE, alpha=alpha,
                                       names=LAYER_SETS[layer_set])
-            vectors = PromptEOLEncoder(quantized, tokenizer, batch_size=64, show_progress=False,
-                                       prefix_model=model).encode(sentences)  # as load_encoder builds it
+            int8 = PromptEOLEncoder(quantized, tokenizer, batch_size=64, show_progress=False, prefix_model=model)
+            vectors = int8.encode(sentences)  # the encoder built as load_encoder builds it
             row = {
                 "layers": layer_set, "alpha": alpha,
                 "mean_cosine_to_fp32": round(float(np.mean(np.sum(unit(vectors) * unit(reference), axis=1))), 5),
@@ -71,11 +90,18 @@ def main() -> None:
                                                                              reference_pairs)[0]), 3),
                 "seconds": round(time.perf_counter() - start, 1),
             }
+            for subset in sets:
+                sims = sts_similarities(int8, [subset])[subset.task]
+                row[f"{subset.task}_train"] = {
+                    "fp32_spearman": round(spearman100(reference_sts[subset.task], subset.scores), 2),
+                    "int8_spearman": round(spearman100(sims, subset.scores), 2),
+                    "delta_ci95": [round(x, 2) for x in paired_bootstrap(subset.scores, reference_sts[subset.task],
+                                                                          sims)]}
             print(row, flush=True)
             rows.append(row)
     best = max(rows, key=lambda r: r["pair_similarity_spearman_x100"])
     save("int8_fidelity", {"text": args.text, "sentences": len(sentences), "pairs": args.pairs, "model": args.model,
-                           "rows": rows, "best": best}, tag=args.tag)
+                           "sts_sets": {s.task: len(s.scores) for s in sets}, "rows": rows, "best": best}, tag=args.tag)
 
 
 if __name__ == "__main__":
