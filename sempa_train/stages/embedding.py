@@ -9,7 +9,7 @@ padding. For speed it
 * sorts sentences by token length so a batch carries almost no padding,
 * runs the decoder only (no LM head over the vocabulary) and returns only the last position,
 * runs the template's opening (``This sentence : "``, the tokens every prompt starts with) once and
-  reuses its key/value cache for every batch (``share_prefix``; with ``quantize="int8"`` in fp32),
+  reuses its key/value cache for every batch (``share_prefix``),
 * uses bf16 weights where the hardware has bf16 matrix units (``dtype="auto"``).
 
 ``backend="vllm"`` (``EmbedConfig``) runs the same prompts through vLLM's pooling runner instead (last
@@ -94,13 +94,9 @@ class PromptEOLEncoder(DedupEncoder):
         name: str = "",
         show_progress: bool | None = None,
         share_prefix: bool = True,
-        prefix_model: Any = None,
     ) -> None:
         self.model = model
         self.share_prefix = share_prefix
-        # Computes the opening's key/value cache (default: model). An int8 encoder passes the fp32 model it was
-        # quantised from: the opening's first token has the largest activations of all, and every token attends to it.
-        self.prefix_decoder = (prefix_model or model).get_decoder()
         self.decoder = model.get_decoder()  # the transformer without the LM head
         self.tokenizer = tokenizer
         self.template = template
@@ -134,7 +130,7 @@ class PromptEOLEncoder(DedupEncoder):
     def _prefix_cache(self, prefix: list[int], device: torch.device) -> Any:
         """The decoder's key/value cache of the tokens every prompt starts with."""
         ids = torch.tensor([prefix], device=device)
-        return self.prefix_decoder(input_ids=ids, use_cache=True).past_key_values
+        return self.decoder(input_ids=ids, use_cache=True).past_key_values
 
     def _last_token_states(self, batch_ids: list[list[int]], device: torch.device,
                            prefix_cache: Any = None) -> np.ndarray:
@@ -280,11 +276,9 @@ def load_encoder(
             raise ValueError("quantize=int8 runs on the CPU (dynamic int8 kernels); use dtype=auto on a GPU")
         from sempa_train.stages.quantize import quantize_int8
 
-        fp32, tokenizer = load_causal_lm(path, adapter=adapter, dtype=torch.float32, device=device)
-        log.info("PromptEOL encoder %s on cpu (int8, smoothed; the template's opening in fp32)", name)
-        return PromptEOLEncoder(quantize_int8(fp32, tokenizer, template=template, layer=layer), tokenizer,
-                                template=template, batch_size=cfg.batch_size, layer=layer, name=name,
-                                show_progress=show_progress, prefix_model=fp32)
+        lm, tokenizer = load_causal_lm(path, adapter=adapter, dtype=torch.float32, device=device)
+        lm = quantize_int8(lm, tokenizer, template=template, layer=layer)
+        log.info("PromptEOL encoder %s on cpu (int8, smoothed)", name)
     else:
         dtype = resolve_dtype(cfg.dtype, device)
         lm, tokenizer = load_causal_lm(path, adapter=adapter, dtype=dtype, device=device)

@@ -47,9 +47,9 @@ CALIBRATION_FILES = (DATA / "heldout_text.txt", DATA / "nli_sample.jsonl")  # on
 # closely on 1,000 SNLI-test premises among 0.5/0.65/0.8/0.9 (tests/benchmarks/int8_fidelity.py; no STS score).
 ALPHA = 0.65
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
-# Part of the key of cached int8 results: raise it when the same config starts to compute other vectors
-# (2: the template's opening in fp32, calibration without it).
-INT8_VERSION = 2
+# Part of the key of cached int8 results: raise it when the same config starts to compute other vectors.
+# 2 ran the template's opening in fp32 (07426cb, reverted: STS scores moved +0.5 to +0.85 from fp32's); 3 is 1 again.
+INT8_VERSION = 3
 
 
 def calibration_sentences(files: Sequence[Path] = CALIBRATION_FILES) -> list[str]:
@@ -108,8 +108,9 @@ def _smooth_down(up: torch.nn.Linear, down: torch.nn.Linear, act_max: torch.Tens
 
 
 def smooth(model: Any, maxima: dict[str, torch.Tensor], alpha: float = ALPHA) -> Any:
-    """``model`` with every layer's q/k/v and gate/up inputs smoothed in place, and down_proj's input too where
+    """A copy of ``model`` with every layer's q/k/v and gate/up inputs smoothed, and down_proj's input too where
     ``maxima`` has it (the same function in fp32)."""
+    model = copy.deepcopy(model)
     for i, layer in enumerate(model.get_decoder().layers):
         attention, mlp = layer.self_attn, layer.mlp
         _smooth(layer.input_layernorm, [attention.q_proj, attention.k_proj, attention.v_proj],
@@ -152,21 +153,19 @@ class Int8Linear(torch.nn.Module):
 
 def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1, alpha: float = ALPHA,
                   sentences: Sequence[str] | None = None, names: Sequence[str] = QUANTIZED) -> Any:
-    """A smoothed copy of ``model`` with its ``names`` projections in int8 (``Int8Linear``, CPU), calibrated by
-    running PromptEOL (``template``, ``layer``) on ``sentences`` as the int8 encoder runs it: the template's
-    opening through ``model`` in fp32 (so its activations stay out of the maxima), the rest through the copy, one
-    sentence a batch (padding positions would enter the maxima with values no real token has)."""
+    """The smoothed model with its ``names`` projections in int8 (``Int8Linear``, CPU), calibrated by running
+    PromptEOL (``template``, ``layer``) on ``sentences`` one a batch: padding positions would enter the
+    activation maxima with values no real token has."""
     from sempa_train.stages.embedding import PromptEOLEncoder
 
     sentences = list(sentences) if sentences is not None else calibration_sentences()
-    quantized = copy.deepcopy(model)
-    calibrate = PromptEOLEncoder(quantized, tokenizer, template=template, layer=layer, batch_size=1,
-                                 show_progress=False, prefix_model=model).encode
+    calibrate = PromptEOLEncoder(model, tokenizer, template=template, layer=layer, batch_size=1,
+                                 show_progress=False).encode
     observed = ("q_proj", "gate_proj", "down_proj") if "down_proj" in names else ("q_proj", "gate_proj")
-    smooth(quantized, input_maxima(quantized, calibrate, sentences, observed), alpha)
+    smoothed = smooth(model, input_maxima(model, calibrate, sentences, observed), alpha)
     levels = 127 if cpu_has_int8_dot() else 63
     count = 0
-    for block in quantized.get_decoder().layers:
+    for block in smoothed.get_decoder().layers:
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if name in names and isinstance(child, torch.nn.Linear):
@@ -175,4 +174,4 @@ def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1,
     log.info("int8 PromptEOL: %d linear layers quantised after smoothing (alpha %.2f, %d calibration sentences, "
              "weights in +-%d%s)", count, alpha, len(sentences), levels,
              "" if levels == 127 else ": this CPU has no int8 dot-product instructions")
-    return quantized
+    return smoothed

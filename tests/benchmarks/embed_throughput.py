@@ -89,8 +89,7 @@ def main() -> None:
     int8_setup_seconds = time.perf_counter() - start  # loading, calibration and quantisation
     ours_int8_down = (PromptEOLEncoder(quantize_int8(ours_fp32.model, ours_fp32.tokenizer, template=PROMPTEOL_TEMPLATE,
                                                      names=LAYER_SETS["with_down_proj"]),
-                                       ours_fp32.tokenizer, batch_size=64, show_progress=False,
-                                       prefix_model=ours_fp32.model)
+                                       ours_fp32.tokenizer, batch_size=64, show_progress=False)
                       if "sempa_int8_down_proj" in args.arms else None)
     ours_compiled = PromptEOLEncoder(ours_fp32.model, ours_fp32.tokenizer, batch_size=64, show_progress=False,
                                      share_prefix=False)
