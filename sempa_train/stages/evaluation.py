@@ -186,9 +186,9 @@ def sts_cache_key(model: str | Path, cfg: EvalConfig, embed: EmbedConfig, tasks:
     scheme's version under ``quantize="int8"``), the data."""
     from sempa_train.stages.quantize import INT8_VERSION
 
+    int8 = {"int8": INT8_VERSION} if embed.quantize == "int8" else {}  # other keys stay as they were
     return result_key("sts", {"model": model_fingerprint(model), "tasks": list(cfg.tasks), "split": cfg.split,
-                              "embed": embed.to_dict(), "data": tasks_sha256(tasks),
-                              "int8": INT8_VERSION if embed.quantize == "int8" else None})
+                              "embed": embed.to_dict(), "data": tasks_sha256(tasks), **int8})
 
 
 def run_sts_eval(

@@ -48,7 +48,8 @@ CALIBRATION_FILES = (DATA / "heldout_text.txt", DATA / "nli_sample.jsonl")  # on
 ALPHA = 0.65
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 # Part of the key of cached int8 results: raise it when the same config starts to compute other vectors.
-# 2 ran the template's opening in fp32 (07426cb, reverted: STS scores moved +0.5 to +0.85 from fp32's); 3 is 1 again.
+# 2: the template's opening in fp32 (5e37c21; reverted in 73448a6, it moved STS scores +0.5 to +0.85 from fp32's);
+# 3: the int8 opening again, as before the key carried a version.
 INT8_VERSION = 3
 
 
