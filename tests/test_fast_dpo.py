@@ -149,6 +149,39 @@ def test_train_matches_trl_first_step_and_caches_reference_logps(tiny_model_dir,
         assert logged[1]["loss"] == pytest.approx(reference[1]["loss"], abs=1e-3)
 
 
+def test_bf16_first_step_loss_is_log2_when_the_reference_runs_in_the_training_batch(
+        tiny_model_dir, sample_prefs, tmp_path, monkeypatch):
+    """In the training batch, policy and reference round alike at the first step. A large beta magnifies any
+    difference in rounding: with ref_pass=by_length this lands 1.9e-4 from log 2 (Zen 4, when written)."""
+    import math
+
+    monkeypatch.setenv("SEMPA_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = TrainConfig(model=str(tiny_model_dir), max_steps=1, batch_size=4, bf16=True, beta=50.0)
+    result = train_dpo(cfg, sample_prefs, tmp_path / "model")
+    first = json.loads((result.out_dir / "train_log.jsonl").read_text().splitlines()[0])["loss"]
+    assert first == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_in_batch_reference_log_probs_are_cached_by_row(tiny_model_dir, sample_prefs, tmp_path, monkeypatch):
+    import polars as pl
+
+    from sempa_train.core.io import read_dataset
+
+    monkeypatch.setenv("SEMPA_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = TrainConfig(model=str(tiny_model_dir), max_steps=1, batch_size=4, bf16=False)
+    first = train_dpo(cfg, sample_prefs, tmp_path / "a")
+    (cache_file,) = (tmp_path / "cache" / "ref_logps").glob("*.parquet")
+    cached = pl.read_parquet(cache_file)
+    assert cached.height == read_dataset(sample_prefs, "preferences").height  # one row per pair, in row order
+    assert cached.filter(~pl.col("ref_chosen_logps").is_nan()).height == 4  # only the rows step 1 trained on
+    second = train_dpo(cfg, sample_prefs, tmp_path / "b")  # same seed, same first batch: nothing to compute
+    longer = train_dpo(cfg.replace(max_steps=2), sample_prefs, tmp_path / "c")  # a second batch to compute
+    assert (first.metrics["ref_log_probs_cached"], second.metrics["ref_log_probs_cached"],
+            longer.metrics["ref_log_probs_cached"]) == (False, True, False)
+    assert pl.read_parquet(cache_file).filter(~pl.col("ref_chosen_logps").is_nan()).height == 8
+    assert second.metrics["final_loss"] == pytest.approx(first.metrics["final_loss"], abs=1e-6)
+
+
 @pytest.mark.parametrize(("loss", "extra"), [
     ("sigmoid,sft", {"loss_weights": (1.0, 0.5)}),
     ("apo_zero", {}), ("nca_pair", {}), ("bco_pair", {}), ("ipo", {"beta": 0.5}),

@@ -221,6 +221,7 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")  # TRL 1.x DPOTrainer
 CHAT_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
+REF_PASSES = ("in_batch", "by_length")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,11 +254,11 @@ class TrainConfig(StageConfig):
     LoRA: ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``. Optimisation:
     ``learning_rate``, ``warmup_ratio``, ``lr_scheduler``, ``epochs``, ``max_steps``,
     ``batch_size``, ``gradient_accumulation_steps``, ``max_length``. Speed: ``precompute_ref_log_probs``,
-    ``cache_ref_log_probs``, ``share_prompt``, ``gradient_checkpointing``. Checkpoint selection: ``eval_every``,
-    ``eval_senteval_dir``, ``eval_sts_split``, ``eval_sts_pairs``, ``eval_sts_tasks``, ``eval_sts_genre_mix``,
-    ``eval_text_file``,
-    ``eval_text_offset``, ``eval_texts``, ``eval_paraphrases``, ``eval_template``, ``select_max_perplexity_ratio``,
-    ``select_min_paraphrase_delta``, ``select_scales``, ``select_scale_margin``. Output: ``save_merged``.
+    ``ref_pass``, ``cache_ref_log_probs``, ``share_prompt``, ``gradient_checkpointing``. Checkpoint selection:
+    ``eval_every``, ``eval_senteval_dir``, ``eval_sts_split``, ``eval_sts_pairs``, ``eval_sts_tasks``,
+    ``eval_sts_genre_mix``, ``eval_text_file``, ``eval_text_offset``, ``eval_texts``, ``eval_paraphrases``,
+    ``eval_template``, ``select_max_perplexity_ratio``, ``select_min_paraphrase_delta``, ``select_scales``,
+    ``select_scale_margin``. Output: ``save_merged``.
     Presets: ``paper`` (the paper's recipe, for GPUs) and ``cpu`` (small batches, precomputed and cached
     reference log-probs, bf16 only where the CPU has bf16 units).
     """
@@ -295,7 +296,11 @@ class TrainConfig(StageConfig):
     max_length: int = option(128, "max tokens of prompt + answer")
     precompute_ref_log_probs: bool = option(True, "compute the reference log-probs once before training "
                                             "(saves a forward pass per step)")
-    ref_batch_size: int | None = option(None, "pairs per batch of the precomputed reference pass, which runs "
+    ref_pass: str = option("in_batch", "where precomputed reference log-probs are computed: in_batch (in the first "
+                           "training step that sees each pair, in its batch, so the first loss is log 2 exactly in "
+                           "bf16 too) or by_length (a pass of its own before training, shortest pairs first; "
+                           "what several processes use)", choices=REF_PASSES)
+    ref_batch_size: int | None = option(None, "pairs per batch of the by_length reference pass, which runs "
                                         "shortest pairs first and without gradients (default: batch_size)")
     cache_ref_log_probs: bool = option(True, "keep precomputed reference log-probs in $SEMPA_CACHE_DIR/ref_logps, "
                                        "keyed by model, data and precision: a rerun on the same data skips that pass")

@@ -22,9 +22,18 @@ head also projects *every* position onto the 49k-word vocabulary, prompt include
   A batch that does not have that layout (prompts that differ, an MoE model, pre-shifted labels) goes
   through TRL's own forward.
 
-The precomputed reference pass runs the pairs shortest first (less padding) and returns them in row order.
-With ``ref_cache_dir`` the precomputed reference log-probs are stored under a key of (reference
-model hash, tokenized data, max length, precision), so a second run on the same data skips that pass.
+Reference log-probs are computed once per pair (``ref_pass``):
+
+* ``in_batch`` (the default, one process): in the first training step that sees the pair, in that step's batch,
+  just before the policy forward, and kept by row for later epochs. At the first step policy and reference are
+  the same model run on the same batch, so the loss is log 2 to the last bit whatever the precision; a pass of
+  its own would batch and pad the rows differently, and in bf16 that rounding alone moves the first loss by
+  ~2e-3 (``tests/benchmarks/first_step_loss.py``).
+* ``by_length``: TRL's pass before training, over the pairs shortest first (less padding), returned in row order
+  (also what several processes use).
+
+With ``ref_cache_dir`` the reference log-probs are stored under a key of (reference model hash, tokenized data,
+max length, precision, pass), so a second run on the same data skips computing them.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import polars as pl
 import torch
 from trl import DPOTrainer
 
+from sempa_train.core.config import REF_PASSES
 from sempa_train.core.io import write_parquet
 from sempa_train.core.result_cache import result_key
 from sempa_train.stages.embedding import common_prefix
@@ -50,6 +60,7 @@ from sempa_train.stages.embedding import common_prefix
 log = logging.getLogger(__name__)
 
 REF_LOGPS_SCHEMA = pl.Schema({"ref_chosen_logps": pl.Float32, "ref_rejected_logps": pl.Float32})
+REF_ROW = "ref_row"  # the pair's row in the training set, so in-batch reference log-probs are kept by row
 MASKS_BY_IMPLEMENTATION = {"sdpa": torch.bool, "eager": torch.float32}
 
 
@@ -220,23 +231,31 @@ def install_forward(model: Any, outputs: tuple[str, ...], *, share_prompt: bool,
 class SharedPromptDPOTrainer(DPOTrainer):
     """``DPOTrainer`` with the shared-prompt forward, an on-disk cache of reference log-probs, and DPO-Positive.
 
-    ``share_prompt=False`` keeps TRL's forward (for comparison); ``ref_cache_dir=None`` disables the cache.
+    ``share_prompt=False`` keeps TRL's forward (for comparison); ``ref_pass`` says where the precomputed
+    reference log-probs are computed (module docstring); ``ref_cache_dir=None`` disables their cache.
     ``dpop_lambda`` > 0 turns TRL's sigmoid term into Smaug's DPO-Positive loss
     ``-log σ(β(Δ - λ·max(0, ref_chosen - policy_chosen)))``, which stops DPO from lowering the chosen answer's
     likelihood below the reference's (it needs precomputed reference log-probs).
     """
 
-    def __init__(self, *args: Any, share_prompt: bool = True, ref_cache_dir: Path | None = None,
-                 dpop_lambda: float = 0.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, share_prompt: bool = True, ref_pass: str = "in_batch",
+                 ref_cache_dir: Path | None = None, dpop_lambda: float = 0.0, **kwargs: Any) -> None:
+        if ref_pass not in REF_PASSES:
+            raise ValueError(f"ref_pass must be one of {', '.join(REF_PASSES)}, got {ref_pass!r}")
         # Set before super().__init__, which precomputes the reference log-probs through our override.
         self.share_prompt = share_prompt
+        self.ref_pass = ref_pass
         self.ref_cache_dir = Path(ref_cache_dir) if ref_cache_dir else None
         self.ref_cache_hit: bool | None = None
         self.dpop_lambda = dpop_lambda
         self._policy_output: Any = None
+        self._ref_store: torch.Tensor | None = None  # (rows, 2) chosen/rejected, NaN until computed (in_batch)
+        self._ref_store_path: Path | None = None
+        self._ref_store_new = False
         super().__init__(*args, **kwargs)
         if dpop_lambda and not (self.precompute_ref_logps and "sigmoid" in self.loss_types):
             raise ValueError("dpop_lambda needs precompute_ref_log_probs and the sigmoid loss")
+        self.data_collator = _with_rows(self.data_collator)
         self._install_forward()
 
     def _install_forward(self) -> None:
@@ -252,6 +271,9 @@ class SharedPromptDPOTrainer(DPOTrainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         self._policy_output = None
+        rows = inputs.pop(REF_ROW, None)
+        if rows is not None:
+            self._fill_ref_logps(model, inputs, rows)
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not self.dpop_lambda or self._policy_output is None:  # evaluation runs without gradients
             return result
@@ -271,23 +293,70 @@ class SharedPromptDPOTrainer(DPOTrainer):
 
     def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
         self._install_forward()
-        if self.ref_cache_dir is None:
-            return self._ref_logps_by_length(dataset, name, batch_size)
-        path = self.ref_cache_dir / f"{self._ref_cache_key(dataset)}.parquet"
-        self.ref_cache_hit = path.is_file()
-        if self.ref_cache_hit:
-            cached = pl.read_parquet(path)
-            if cached.height == len(dataset):
+        # In the training batches needs the one process to see every batch; evaluation sets go by length.
+        in_batch = self.ref_pass == "in_batch" and name == "train" and self.accelerator.num_processes == 1
+        key = self._ref_cache_key(dataset, "in_batch" if in_batch else "by_length")
+        path = self.ref_cache_dir / f"{key}.parquet" if self.ref_cache_dir else None
+        cached = self._read_ref_cache(path, len(dataset)) if path else None
+        if in_batch:
+            self._ref_store = cached if cached is not None else torch.full((len(dataset), 2), float("nan"))
+            self._ref_store_path = path
+            known = int((~self._ref_store.isnan().any(dim=1)).sum())
+            self.ref_cache_hit = None if path is None else cached is not None  # until a row must be computed
+            log.info("train: reference log-probs computed in the training batches (%s of %s rows from the cache)",
+                     f"{known:,}", f"{len(dataset):,}")
+            return dataset.add_column(REF_ROW, list(range(len(dataset))))
+        if path is not None:
+            self.ref_cache_hit = cached is not None and not bool(cached.isnan().any())
+            if self.ref_cache_hit:
                 log.info("train: reference log-probs of %s rows from the cache %s", f"{len(dataset):,}", path)
-                for column in REF_LOGPS_SCHEMA:
-                    dataset = dataset.add_column(column, cached[column].to_list())
+                for column, values in zip(REF_LOGPS_SCHEMA, cached.unbind(1), strict=True):
+                    dataset = dataset.add_column(column, values.tolist())
                 return dataset
-            log.warning("train: ignoring %s: %d rows for a dataset of %d", path, cached.height, len(dataset))
         dataset = self._ref_logps_by_length(dataset, name, batch_size)
-        if self.accelerator.is_main_process:
-            write_parquet(pl.DataFrame({c: dataset[c] for c in REF_LOGPS_SCHEMA}, schema=REF_LOGPS_SCHEMA),
-                          path, REF_LOGPS_SCHEMA)
+        if path is not None and self.accelerator.is_main_process:
+            _write_ref_cache(path, torch.tensor([dataset[c] for c in REF_LOGPS_SCHEMA]).T)
         return dataset
+
+    def _fill_ref_logps(self, model: Any, inputs: dict[str, Any], rows: torch.Tensor) -> None:
+        """Put the batch's reference log-probs into ``inputs``, computing the rows not yet known in this very batch
+        (the adapter disabled, no gradients: TRL's ``compute_ref_log_probs``)."""
+        rows = rows.cpu()
+        known = self._ref_store[rows]
+        missing = known.isnan().any(dim=1)
+        if missing.any():
+            chosen, rejected = self.compute_ref_log_probs(model, inputs)
+            computed = torch.stack([chosen, rejected], dim=1).detach().float().cpu()
+            self._ref_store[rows[missing]] = computed[missing]
+            self._ref_store_new = True
+            if self.ref_cache_hit:
+                self.ref_cache_hit = False
+            known = self._ref_store[rows]
+        device = inputs["input_ids"].device
+        inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = (v.to(device) for v in known.unbind(1))
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().train(*args, **kwargs)
+        if self._ref_store_new and self._ref_store_path is not None:
+            _write_ref_cache(self._ref_store_path, self._ref_store)  # NaN rows: not reached by this run
+            self._ref_store_new = False
+        return result
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if REF_ROW not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, REF_ROW]
+
+    @staticmethod
+    def _read_ref_cache(path: Path, rows: int) -> torch.Tensor | None:
+        """The cached (rows, 2) reference log-probs at ``path`` (NaN where not computed yet), or None."""
+        if not path.is_file():
+            return None
+        cached = pl.read_parquet(path)
+        if cached.height != rows:
+            log.warning("train: ignoring %s: %d rows for a dataset of %d", path, cached.height, rows)
+            return None
+        return cached.select(list(REF_LOGPS_SCHEMA)).to_torch(dtype=pl.Float32)
 
     def _ref_logps_by_length(self, dataset: Any, name: str, batch_size: int) -> Any:
         """TRL's reference pass over the rows shortest first, so each batch is padded to rows of its own length;
@@ -301,13 +370,33 @@ class SharedPromptDPOTrainer(DPOTrainer):
             restore[row] = position
         return scored.select(restore).flatten_indices()
 
-    def _ref_cache_key(self, dataset: Any) -> str:
-        """Hash of what the reference log-probs depend on: model weights, tokens, truncation, precision, forward."""
+    def _ref_cache_key(self, dataset: Any, ref_pass: str) -> str:
+        """Hash of what the reference log-probs depend on: model weights, tokens, truncation, precision, forward,
+        and the pass (which batches, so how bf16 rounds)."""
         tokens = hashlib.sha256()
         for row in dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]):
             tokens.update(json.dumps(row).encode())
         return result_key("ref_logps", {
             "model": self._precompute_model_hash, "tokens": tokens.hexdigest(), "max_length": self.args.max_length,
             "truncation_mode": self.args.truncation_mode, "bf16": self.args.bf16, "fp16": self.args.fp16,
-            "ld_alpha": self.ld_alpha, "share_prompt": self.share_prompt,
+            "ld_alpha": self.ld_alpha, "share_prompt": self.share_prompt, "ref_pass": ref_pass,
         })
+
+
+def _write_ref_cache(path: Path, values: torch.Tensor) -> None:
+    write_parquet(pl.DataFrame(values.numpy(), schema=REF_LOGPS_SCHEMA, orient="row"), path, REF_LOGPS_SCHEMA)
+
+
+def _with_rows(collator: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """``collator`` that also passes on each example's ``REF_ROW`` (TRL's preference collator drops it)."""
+    if getattr(collator, "_sempa_rows", False):
+        return collator
+
+    def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collator(examples)
+        if examples and REF_ROW in examples[0]:
+            batch[REF_ROW] = torch.tensor([example[REF_ROW] for example in examples])
+        return batch
+
+    collate._sempa_rows = True  # type: ignore[attr-defined]
+    return collate

@@ -209,7 +209,7 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
         trainer = SharedPromptDPOTrainer(
             model=model, args=build_dpo_config(cfg, tmp / "trainer", device, state.num_processes),
             train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config,
-            share_prompt=cfg.share_prompt, ref_cache_dir=ref_cache, dpop_lambda=cfg.dpop_lambda,
+            share_prompt=cfg.share_prompt, ref_pass=cfg.ref_pass, ref_cache_dir=ref_cache, dpop_lambda=cfg.dpop_lambda,
         )
         setup_seconds = time.perf_counter() - started
         checkpoints = _checkpoint_probe(cfg, tokenizer, tmp / "checkpoints", trainer.args.bf16, state.num_processes,

@@ -8,10 +8,13 @@ batch 8, seed 0). Arms, each in its own process (so peak RSS is its own):
 
 * ``trl_plain``: ``DPOTrainer`` as a user first writes it: TRL's defaults with ``use_cpu=True`` and
   ``bf16=False`` (fp32, a reference forward every step, gradient checkpointing, max_length 1024);
-* ``sempa_cold``: ``train_dpo`` with the ``cpu`` preset and an empty reference-log-prob cache
-  (its precompute pass is in ``setup_seconds``);
+* ``sempa_cold``: ``train_dpo`` with the ``cpu`` preset and an empty reference-log-prob cache (the reference
+  log-probs are computed in the training batches, so their forward is in the first epoch's steps);
 * ``sempa_warm``: the same again, the reference log-probs now read from the cache;
-* ``sempa_fp32``: the ``cpu`` preset forced to fp32 (what a CPU without bf16 units runs), warm cache.
+* ``sempa_fp32``: the ``cpu`` preset forced to fp32 (what a CPU without bf16 units runs), its own empty cache
+  (the key holds the precision);
+* ``sempa_by_length``: the ``cpu`` preset with ``ref_pass=by_length`` (a reference pass of its own before
+  training, shortest pairs first, in ``setup_seconds``), its own empty cache.
 
 Reported per arm: seconds per step and pairs/s over the training loop, setup seconds, pairs/s including
 setup, peak RSS, first-step loss and the reward-accuracy curve. Writes
@@ -33,7 +36,9 @@ from typing import Any
 
 from common import save
 
-ARMS = ("trl_plain", "sempa_cold", "sempa_warm", "sempa_fp32")
+ARMS = ("trl_plain", "sempa_cold", "sempa_warm", "sempa_fp32", "sempa_by_length")
+ARM_SETTINGS = {"sempa_cold": {}, "sempa_warm": {}, "sempa_fp32": {"bf16": False},
+                "sempa_by_length": {"ref_pass": "by_length"}}
 RECIPE = {"learning_rate": 1e-4, "beta": 0.1, "warmup_ratio": 0.05, "lr_scheduler": "cosine", "batch_size": 8,
           "seed": 0}
 
@@ -48,8 +53,7 @@ def run_arm(arm: str, data: Path, model: str, steps: int, work: Path) -> dict[st
     else:
         from sempa_train.stages.train import train_dpo
 
-        cfg = TrainConfig.preset("cpu").replace(model=model, max_steps=steps, **RECIPE,
-                                                **({"bf16": False} if arm == "sempa_fp32" else {}))
+        cfg = TrainConfig.preset("cpu").replace(model=model, max_steps=steps, **RECIPE, **ARM_SETTINGS[arm])
         result = train_dpo(cfg, data, work / arm)
         history = [json.loads(line) for line in (result.out_dir / "train_log.jsonl").read_text().splitlines()]
         setup = result.metrics["setup_seconds"]
@@ -109,6 +113,9 @@ def main() -> None:
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = set(args.arms.split(",")) - set(ARMS)
+    if unknown:
+        parser.error(f"--arms: unknown {', '.join(sorted(unknown))}; known: {', '.join(ARMS)}")
     if args.arm:
         print("RESULT " + json.dumps(run_arm(args.arm, Path(args.data), args.model, args.steps, Path(args.work))))
         return
