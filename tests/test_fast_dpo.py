@@ -126,6 +126,7 @@ def test_train_matches_trl_first_step_and_caches_reference_logps(tiny_model_dir,
     first = train_dpo(cfg, sample_prefs, tmp_path / "a")
     second = train_dpo(cfg, sample_prefs, tmp_path / "b")
     assert first.metrics["ref_log_probs_cached"] is False and second.metrics["ref_log_probs_cached"] is True
+    assert first.metrics["ref_pass"] == "by_length"  # auto in fp32: the sorted pass gives the same numbers
 
     torch.manual_seed(cfg.seed)
     plain = DPOTrainer(
@@ -159,6 +160,7 @@ def test_bf16_first_step_loss_is_log2_when_the_reference_runs_in_the_training_ba
     cfg = TrainConfig(model=str(tiny_model_dir), max_steps=1, batch_size=4, bf16=True, beta=50.0)
     result = train_dpo(cfg, sample_prefs, tmp_path / "model")
     first = json.loads((result.out_dir / "train_log.jsonl").read_text().splitlines()[0])["loss"]
+    assert result.metrics["ref_pass"] == "in_batch"  # auto under bf16
     assert first == pytest.approx(math.log(2), abs=1e-6)
 
 
@@ -168,7 +170,7 @@ def test_in_batch_reference_log_probs_are_cached_by_row(tiny_model_dir, sample_p
     from sempa_train.core.io import read_dataset
 
     monkeypatch.setenv("SEMPA_CACHE_DIR", str(tmp_path / "cache"))
-    cfg = TrainConfig(model=str(tiny_model_dir), max_steps=1, batch_size=4, bf16=False)
+    cfg = TrainConfig(model=str(tiny_model_dir), max_steps=1, batch_size=4, bf16=False, ref_pass="in_batch")
     first = train_dpo(cfg, sample_prefs, tmp_path / "a")
     (cache_file,) = (tmp_path / "cache" / "ref_logps").glob("*.parquet")
     cached = pl.read_parquet(cache_file)

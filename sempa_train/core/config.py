@@ -221,7 +221,7 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")  # TRL 1.x DPOTrainer
 CHAT_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
-REF_PASSES = ("in_batch", "by_length")
+REF_PASSES = ("auto", "in_batch", "by_length")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,10 +296,12 @@ class TrainConfig(StageConfig):
     max_length: int = option(128, "max tokens of prompt + answer")
     precompute_ref_log_probs: bool = option(True, "compute the reference log-probs once before training "
                                             "(saves a forward pass per step)")
-    ref_pass: str = option("in_batch", "where precomputed reference log-probs are computed: in_batch (in the first "
-                           "training step that sees each pair, in its batch, so the first loss is log 2 exactly in "
-                           "bf16 too) or by_length (a pass of its own before training, shortest pairs first; "
-                           "what several processes use)", choices=REF_PASSES)
+    ref_pass: str = option("auto", "where precomputed reference log-probs are computed: in_batch (in the first "
+                           "training step that sees each pair, in its batch, so policy and reference round alike "
+                           "and the first loss is log 2 exactly) or by_length (a pass of its own before training, "
+                           "shortest pairs first: less padding, but in bf16 it rounds apart from the training "
+                           "batch by ~2e-3 in the first loss). auto: in_batch under bf16/fp16, by_length in fp32 "
+                           "(where both agree within 1e-6) and with several processes", choices=REF_PASSES)
     ref_batch_size: int | None = option(None, "pairs per batch of the by_length reference pass, which runs "
                                         "shortest pairs first and without gradients (default: batch_size)")
     cache_ref_log_probs: bool = option(True, "keep precomputed reference log-probs in $SEMPA_CACHE_DIR/ref_logps, "

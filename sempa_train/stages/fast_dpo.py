@@ -22,15 +22,17 @@ head also projects *every* position onto the 49k-word vocabulary, prompt include
   A batch that does not have that layout (prompts that differ, an MoE model, pre-shifted labels) goes
   through TRL's own forward.
 
-Reference log-probs are computed once per pair (``ref_pass``):
+Reference log-probs are computed once per pair, in one of two places (``ref_pass``):
 
-* ``in_batch`` (the default, one process): in the first training step that sees the pair, in that step's batch,
-  just before the policy forward, and kept by row for later epochs. At the first step policy and reference are
-  the same model run on the same batch, so the loss is log 2 to the last bit whatever the precision; a pass of
-  its own would batch and pad the rows differently, and in bf16 that rounding alone moves the first loss by
-  ~2e-3 (``tests/benchmarks/first_step_loss.py``).
-* ``by_length``: TRL's pass before training, over the pairs shortest first (less padding), returned in row order
-  (also what several processes use).
+* ``in_batch``: in the first training step that sees the pair, in that step's batch, just before the policy
+  forward, and kept by row for later epochs. At the first step policy and reference are then the same model
+  run on the same batch, so the loss is log 2 to the last bit whatever the precision;
+* ``by_length``: TRL's pass before training, over the pairs shortest first (less padding than a training
+  batch), returned in row order. In bf16 it rounds differently from the training batch, which moves the first
+  loss by ~2e-3 (``tests/benchmarks/first_step_loss.py``); in fp32 the two agree within 1e-6.
+
+``auto`` (the default) takes ``in_batch`` under bf16/fp16 autocast and ``by_length`` in fp32 and whenever
+several processes train (each sees only its own batches).
 
 With ``ref_cache_dir`` the reference log-probs are stored under a key of (reference model hash, tokenized data,
 max length, precision, pass), so a second run on the same data skips computing them.
@@ -238,7 +240,7 @@ class SharedPromptDPOTrainer(DPOTrainer):
     likelihood below the reference's (it needs precomputed reference log-probs).
     """
 
-    def __init__(self, *args: Any, share_prompt: bool = True, ref_pass: str = "in_batch",
+    def __init__(self, *args: Any, share_prompt: bool = True, ref_pass: str = "auto",
                  ref_cache_dir: Path | None = None, dpop_lambda: float = 0.0, **kwargs: Any) -> None:
         if ref_pass not in REF_PASSES:
             raise ValueError(f"ref_pass must be one of {', '.join(REF_PASSES)}, got {ref_pass!r}")
@@ -247,6 +249,7 @@ class SharedPromptDPOTrainer(DPOTrainer):
         self.ref_pass = ref_pass
         self.ref_cache_dir = Path(ref_cache_dir) if ref_cache_dir else None
         self.ref_cache_hit: bool | None = None
+        self.ref_pass_used: str | None = None  # the training set's pass, once resolved
         self.dpop_lambda = dpop_lambda
         self._policy_output: Any = None
         self._ref_store: torch.Tensor | None = None  # (rows, 2) chosen/rejected, NaN until computed (in_batch)
@@ -293,8 +296,9 @@ class SharedPromptDPOTrainer(DPOTrainer):
 
     def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
         self._install_forward()
-        # In the training batches needs the one process to see every batch; evaluation sets go by length.
-        in_batch = self.ref_pass == "in_batch" and name == "train" and self.accelerator.num_processes == 1
+        in_batch = self._ref_in_batch(name)
+        if name == "train":
+            self.ref_pass_used = "in_batch" if in_batch else "by_length"
         key = self._ref_cache_key(dataset, "in_batch" if in_batch else "by_length")
         path = self.ref_cache_dir / f"{key}.parquet" if self.ref_cache_dir else None
         cached = self._read_ref_cache(path, len(dataset)) if path else None
@@ -317,6 +321,14 @@ class SharedPromptDPOTrainer(DPOTrainer):
         if path is not None and self.accelerator.is_main_process:
             _write_ref_cache(path, torch.tensor([dataset[c] for c in REF_LOGPS_SCHEMA]).T)
         return dataset
+
+    def _ref_in_batch(self, name: str) -> bool:
+        """Whether ``name``'s reference log-probs are computed in the training batches (module docstring): only
+        the training set, only with one process (it must see every batch), and under ``auto`` only when
+        autocast rounds (in fp32 the sorted pass gives the same numbers, with less padding)."""
+        if name != "train" or self.accelerator.num_processes > 1 or self.ref_pass == "by_length":
+            return False
+        return self.ref_pass == "in_batch" or self.args.bf16 or self.args.fp16
 
     def _fill_ref_logps(self, model: Any, inputs: dict[str, Any], rows: torch.Tensor) -> None:
         """Put the batch's reference log-probs into ``inputs``, computing the rows not yet known in this very batch

@@ -219,7 +219,7 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
         trainer.train()
         history = trainer.state.log_history
         metrics = {**summarize_log(history), "setup_seconds": round(setup_seconds, 1), "bf16": trainer.args.bf16,
-                   "ref_log_probs_cached": trainer.ref_cache_hit}
+                   "ref_pass": trainer.ref_pass_used, "ref_log_probs_cached": trainer.ref_cache_hit}
         if checkpoints is None:
             trainer.save_model(str(tmp / "adapter"))  # collective under DeepSpeed; writes on the main process
         else:

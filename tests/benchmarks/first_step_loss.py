@@ -7,10 +7,10 @@ log-probs are computed alike; what it differs by is how differently the referenc
 ``sempa train --preset cpu`` runs two steps on the first ``--pairs`` SNLI-dev gold pairs (the recipe of
 ``train_throughput.py``, seed 0) once per variant:
 
-* ``in_batch``: the default ``ref_pass``, reference log-probs computed in the training batch itself;
+* ``in_batch``: reference log-probs computed in the training batch itself (what ``ref_pass=auto`` runs in bf16);
 * ``in_batch_without_common_opening``: the same with the batch's common opening not run once
   (``common_prefix_length`` replaced by 0 in this process);
-* ``by_length``: ``ref_pass=by_length``, a pass of its own before training, shortest pairs first;
+* ``by_length``: a pass of its own before training, shortest pairs first (what ``auto`` runs in fp32);
 * ``by_row_order``: that pass over the rows in their own order (TRL's ``_precompute_ref_logps`` in place of
   ``_ref_logps_by_length``).
 

@@ -8,13 +8,13 @@ batch 8, seed 0). Arms, each in its own process (so peak RSS is its own):
 
 * ``trl_plain``: ``DPOTrainer`` as a user first writes it: TRL's defaults with ``use_cpu=True`` and
   ``bf16=False`` (fp32, a reference forward every step, gradient checkpointing, max_length 1024);
-* ``sempa_cold``: ``train_dpo`` with the ``cpu`` preset and an empty reference-log-prob cache (the reference
-  log-probs are computed in the training batches, so their forward is in the first epoch's steps);
+* ``sempa_cold``: ``train_dpo`` with the ``cpu`` preset and an empty reference-log-prob cache (``ref_pass=auto``:
+  under bf16 the reference forward runs in the first epoch's steps, in fp32 as a pass in ``setup_seconds``);
 * ``sempa_warm``: the same again, the reference log-probs now read from the cache;
 * ``sempa_fp32``: the ``cpu`` preset forced to fp32 (what a CPU without bf16 units runs), its own empty cache
   (the key holds the precision);
-* ``sempa_by_length``: the ``cpu`` preset with ``ref_pass=by_length`` (a reference pass of its own before
-  training, shortest pairs first, in ``setup_seconds``), its own empty cache.
+* ``sempa_by_length`` / ``sempa_in_batch``: the ``cpu`` preset with ``ref_pass`` forced to ``by_length`` (a
+  pass of its own before training, shortest pairs first) / ``in_batch``, each with its own empty cache.
 
 Reported per arm: seconds per step and pairs/s over the training loop, setup seconds, pairs/s including
 setup, peak RSS, first-step loss and the reward-accuracy curve. Writes
@@ -36,9 +36,9 @@ from typing import Any
 
 from common import save
 
-ARMS = ("trl_plain", "sempa_cold", "sempa_warm", "sempa_fp32", "sempa_by_length")
+ARMS = ("trl_plain", "sempa_cold", "sempa_warm", "sempa_fp32", "sempa_by_length", "sempa_in_batch")
 ARM_SETTINGS = {"sempa_cold": {}, "sempa_warm": {}, "sempa_fp32": {"bf16": False},
-                "sempa_by_length": {"ref_pass": "by_length"}}
+                "sempa_by_length": {"ref_pass": "by_length"}, "sempa_in_batch": {"ref_pass": "in_batch"}}
 RECIPE = {"learning_rate": 1e-4, "beta": 0.1, "warmup_ratio": 0.05, "lr_scheduler": "cosine", "batch_size": 8,
           "seed": 0}
 
