@@ -162,15 +162,15 @@ class NumberCheck:
     reason = "candidate_changed_number"
 
     @staticmethod
-    def numbers(text: str) -> Counter[str]:
-        return Counter(w for w in words(text) if w.isdigit() or w in NUMBER_WORDS)
+    def numbers(tokens: Sequence[str]) -> Counter[str]:
+        return Counter(w for w in tokens if w.isdigit() or w in NUMBER_WORDS)
 
     @staticmethod
-    def inflected(premise: str, candidate: str) -> list[str]:
-        """Words of ``candidate`` (4+ letters) that ``premise`` lacks but has with ``s``/``es`` added or removed."""
-        seen = set(words(premise))
+    def inflected(premise_words: Sequence[str], candidate_words: Sequence[str]) -> list[str]:
+        """Words of the candidate (4+ letters) that the premise lacks but has with ``s``/``es`` added or removed."""
+        seen = set(premise_words)
         out = []
-        for word in set(words(candidate)) - seen:
+        for word in set(candidate_words) - seen:
             forms = {word + "s", word + "es"} | ({word[:-1]} if word.endswith("s") else set()) \
                 | ({word[:-2]} if word.endswith("es") else set())
             if len(word) >= 4 and forms & seen:
@@ -178,8 +178,11 @@ class NumberCheck:
         return out
 
     def failing(self, premises: Sequence[str], candidates: Sequence[str]) -> list[bool]:
-        return [bool(self.numbers(c) - self.numbers(p)) or bool(self.inflected(p, c))
-                for p, c in zip(premises, candidates, strict=True)]
+        out = []
+        for premise, candidate in zip(premises, candidates, strict=True):
+            p, c = words(premise), words(candidate)  # each text split once
+            out.append(bool(self.numbers(c) - self.numbers(p)) or bool(self.inflected(p, c)))
+        return out
 
 
 class RepetitionCheck:
