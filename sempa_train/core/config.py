@@ -305,7 +305,8 @@ class TrainConfig(StageConfig):
     ref_batch_size: int | None = option(None, "pairs per batch of the by_length reference pass, which runs "
                                         "shortest pairs first and without gradients (default: batch_size)")
     cache_ref_log_probs: bool = option(True, "keep precomputed reference log-probs in $SEMPA_CACHE_DIR/ref_logps, "
-                                       "keyed by model, data and precision: a rerun on the same data skips that pass")
+                                       "keyed by model, data, precision and ref_pass: a rerun on the same data "
+                                       "skips computing them")
     share_prompt: bool = option(True, "run each pair as one packed sequence (prompt once, then chosen and rejected) "
                                 "and the LM head over answer tokens only; the loss is TRL's, computed faster")
     gradient_checkpointing: bool = option(False, "trade compute for memory")

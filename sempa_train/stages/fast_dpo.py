@@ -326,6 +326,9 @@ class SharedPromptDPOTrainer(DPOTrainer):
         """Whether ``name``'s reference log-probs are computed in the training batches (module docstring): only
         the training set, only with one process (it must see every batch), and under ``auto`` only when
         autocast rounds (in fp32 the sorted pass gives the same numbers, with less padding)."""
+        if self.ref_pass == "in_batch" and name == "train" and self.accelerator.num_processes > 1:
+            log.warning("train: ref_pass in_batch needs one process; %d processes compute the reference log-probs "
+                        "by length", self.accelerator.num_processes)
         if name != "train" or self.accelerator.num_processes > 1 or self.ref_pass == "by_length":
             return False
         return self.ref_pass == "in_batch" or self.args.bf16 or self.args.fp16

@@ -18,6 +18,7 @@ In fp32 (``--bf16 false``) every variant gives log 2 within 1e-6; in bf16 (where
 ``--bf16 true``) a pass of its own rounds differently from the training batch. Writes
 ``tests/benchmarks/results/first_step_loss[-TAG].json``.
 """
+
 from __future__ import annotations
 
 import argparse
