@@ -43,6 +43,9 @@ def test_senteval_loaders_follow_senteval(tmp_path):
     assert (stsb.sent1, stsb.sent2, stsb.scores.tolist()) == (
         ["A man plays.", 'It "rains".'], ["A man is playing.", "The sun shines."], [5.0, 0.5])
     assert stsb.genres == ("main-captions", "main-news") and stsb.sources == ("MSRvid", "headlines")
+    second = stsb.select([1])  # a subset keeps each pair's sentences, score, genre and source together
+    assert (second.sent1, second.sent2, second.scores.tolist(), second.genres, second.sources) == (
+        ['It "rains".'], ["The sun shines."], [0.5], ("main-news",), ("headlines",))
     sick = load_senteval_task(root, "SICKRelatedness", "test")[0]
     assert sick.sent2 == ["A dog is running.", "A car."] and sick.scores.tolist() == [4.9, 1.2]
 

@@ -73,10 +73,7 @@ class Probes:
                 idx = genre_matched_sample(full.genres, target, pairs, rng, f"{task} {split}")
             else:
                 idx = np.sort(rng.choice(len(full), size=min(pairs, len(full)), replace=False))
-            subsets.append(STSSubset(task=full.task, name=full.name, split=full.split,
-                                     sent1=[full.sent1[i] for i in idx], sent2=[full.sent2[i] for i in idx],
-                                     scores=full.scores[idx], genres=tuple(full.genres[i] for i in idx)
-                                     if full.genres else ()))
+            subsets.append(full.select(idx))
         held_out = held_out_texts(text_file, offset + max(texts, paraphrases))[offset:]
         return cls(sts=tuple(subsets), texts=held_out[:texts], paraphrase_sources=tuple(held_out[:paraphrases]),
                    template=template, chat=chat)

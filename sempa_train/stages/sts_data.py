@@ -14,6 +14,7 @@ Sentences are read as SentEval reads them: split on whitespace and joined with s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,13 @@ class STSSubset:
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    def select(self, indices: Sequence[int]) -> STSSubset:
+        """The pairs at ``indices``, in that order, with their genres and sources."""
+        idx = list(indices)
+        return STSSubset(self.task, self.name, self.split, [self.sent1[i] for i in idx], [self.sent2[i] for i in idx],
+                         self.scores[idx], tuple(self.genres[i] for i in idx) if self.genres else (),
+                         tuple(self.sources[i] for i in idx) if self.sources else ())
 
 
 def task_split(task: str, split: str) -> str:

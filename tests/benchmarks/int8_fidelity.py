@@ -43,7 +43,7 @@ def unit(vectors: np.ndarray) -> np.ndarray:
 def sts_sets(senteval_dir: str, pairs: int) -> list[STSSubset]:
     """The first ``pairs`` pairs of STS-B train and SICK train."""
     sets = [load_senteval_task(senteval_dir, task, "train")[0] for task in ("STSBenchmark", "SICKRelatedness")]
-    return [STSSubset(s.task, s.name, s.split, s.sent1[:pairs], s.sent2[:pairs], s.scores[:pairs]) for s in sets]
+    return [s.select(range(min(pairs, len(s)))) for s in sets]
 
 
 def sts_similarities(encoder: PromptEOLEncoder, sets: list[STSSubset]) -> dict[str, np.ndarray]:
