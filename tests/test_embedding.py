@@ -1,3 +1,4 @@
+import copy
 import os
 
 import numpy as np
@@ -6,6 +7,7 @@ import torch
 
 from sempa_train.core.config import EmbedConfig
 from sempa_train.core.models import load_causal_lm
+from sempa_train.core.templates import PROMPTEOL_TEMPLATE
 from sempa_train.stages.embedding import PromptEOLEncoder, common_prefix, cosine, load_encoder
 
 SENTENCES = [
@@ -82,6 +84,20 @@ def test_smoothing_is_exact_and_int8_stays_close(tiny, tiny_model_dir):
     assert cosine(int8.encode(SENTENCES), fp32).min() > 0.99
     with pytest.raises(ValueError, match="applies to the transformers backend"):
         EmbedConfig(backend="vllm", quantize="int8")
+
+
+def test_down_proj_in_int8_only_in_the_layers_asked_for(tiny):
+    from sempa_train.stages.quantize import Int8Linear, quantize_int8
+
+    model, tokenizer = tiny
+    quantized = quantize_int8(copy.deepcopy(model), tokenizer, template=PROMPTEOL_TEMPLATE, sentences=SENTENCES,
+                              down_proj_layers=[1])
+    kinds = [(type(block.mlp.down_proj), type(block.mlp.up_proj)) for block in quantized.model.layers]
+    assert kinds == [(torch.nn.Linear, Int8Linear), (Int8Linear, Int8Linear)]
+    # only the quantised layer's down_proj input was smoothed (through up_proj)
+    assert torch.equal(quantized.model.layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight)
+    with pytest.raises(ValueError, match="down_proj_layers \\[5\\]: the model has decoder layers 0-1"):
+        quantize_int8(model, tokenizer, template=PROMPTEOL_TEMPLATE, sentences=SENTENCES, down_proj_layers=[5])
 
 
 def test_int8_linear_scales_each_token_by_itself():

@@ -153,26 +153,36 @@ class Int8Linear(torch.nn.Module):
 
 
 def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1, alpha: float = ALPHA,
-                  sentences: Sequence[str] | None = None, names: Sequence[str] = QUANTIZED) -> Any:
-    """The smoothed model with its ``names`` projections in int8 (``Int8Linear``, CPU), calibrated by running
-    PromptEOL (``template``, ``layer``) on ``sentences`` one a batch: padding positions would enter the
-    activation maxima with values no real token has."""
+                  sentences: Sequence[str] | None = None, names: Sequence[str] = QUANTIZED,
+                  down_proj_layers: Sequence[int] = ()) -> Any:
+    """The smoothed model with its ``names`` projections in int8 (``Int8Linear``, CPU) in every decoder layer, and
+    down_proj too in the layers ``down_proj_layers`` lists, calibrated by running PromptEOL (``template``,
+    ``layer``) on ``sentences`` one a batch: padding positions would enter the activation maxima with values no
+    real token has."""
     from sempa_train.stages.embedding import PromptEOLEncoder
 
+    blocks = model.get_decoder().layers
+    down = {i for i in range(len(blocks)) if "down_proj" in names or i in set(down_proj_layers)}
+    if unknown := set(down_proj_layers) - set(range(len(blocks))):
+        raise ValueError(f"down_proj_layers {sorted(unknown)}: the model has decoder layers 0-{len(blocks) - 1}")
     sentences = list(sentences) if sentences is not None else calibration_sentences()
     calibrate = PromptEOLEncoder(model, tokenizer, template=template, layer=layer, batch_size=1,
                                  show_progress=False).encode
-    observed = ("q_proj", "gate_proj", "down_proj") if "down_proj" in names else ("q_proj", "gate_proj")
-    smoothed = smooth(model, input_maxima(model, calibrate, sentences, observed), alpha)
+    maxima = input_maxima(model, calibrate, sentences, ("q_proj", "gate_proj", "down_proj") if down
+                          else ("q_proj", "gate_proj"))
+    maxima = {key: value for key, value in maxima.items()
+              if not key.endswith("down_proj") or int(key.split(".", 1)[0]) in down}
+    smoothed = smooth(model, maxima, alpha)
     levels = 127 if cpu_has_int8_dot() else 63
     count = 0
-    for block in smoothed.get_decoder().layers:
+    for i, block in enumerate(smoothed.get_decoder().layers):
+        wanted = {*names, "down_proj"} if i in down else set(names)
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
-                if name in names and isinstance(child, torch.nn.Linear):
+                if name in wanted and isinstance(child, torch.nn.Linear):
                     setattr(parent, name, Int8Linear(child, levels))
                     count += 1
     log.info("int8 PromptEOL: %d linear layers quantised after smoothing (alpha %.2f, %d calibration sentences, "
-             "weights in +-%d%s)", count, alpha, len(sentences), levels,
-             "" if levels == 127 else ": this CPU has no int8 dot-product instructions")
+             "down_proj in %d of %d layers, weights in +-%d%s)", count, alpha, len(sentences), len(down),
+             len(blocks), levels, "" if levels == 127 else ": this CPU has no int8 dot-product instructions")
     return smoothed

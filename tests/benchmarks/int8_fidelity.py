@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -50,6 +51,38 @@ def sts_similarities(encoder: PromptEOLEncoder, sets: list[STSSubset]) -> dict[s
     return {s.task: cosine(encoder.encode(s.sent1), encoder.encode(s.sent2)) for s in sets}
 
 
+def sts_changes(sets: list[STSSubset], reference: dict[str, np.ndarray], quantized: dict[str, np.ndarray]) -> dict:
+    """Per STS set: fp32's and int8's Spearman, int8's change and its 95 % paired-bootstrap interval."""
+    changes = {}
+    for subset in sets:
+        fp32_sims, int8_sims = reference[subset.task], quantized[subset.task]
+        fp32_score, int8_score = spearman100(fp32_sims, subset.scores), spearman100(int8_sims, subset.scores)
+        changes[f"{subset.task}_train"] = {
+            "fp32_spearman": round(fp32_score, 2), "int8_spearman": round(int8_score, 2),
+            "delta": round(int8_score - fp32_score, 2),
+            "delta_ci95": [round(x, 2) for x in paired_bootstrap(subset.scores, fp32_sims, int8_sims)]}
+    return changes
+
+
+def pair_fidelity(reference: np.ndarray, pairs: int, seed: int = 0) -> Callable[[np.ndarray], dict[str, float]]:
+    """A function of int8 vectors of the same sentences as ``reference`` (fp32): their mean cosine to fp32's, and
+    the Spearman correlation (x 100) of ``pairs`` seeded random pair similarities with fp32's."""
+    rng = np.random.default_rng(seed)
+    left, right = rng.integers(0, len(reference), pairs), rng.integers(0, len(reference), pairs)
+
+    def pair_cosines(vectors: np.ndarray) -> np.ndarray:
+        normed = unit(vectors)
+        return np.sum(normed[left] * normed[right], axis=1)
+
+    reference_pairs = pair_cosines(reference)
+
+    def fidelity(vectors: np.ndarray) -> dict[str, float]:
+        return {"mean_cosine_to_fp32": round(float(np.mean(np.sum(unit(vectors) * unit(reference), axis=1))), 5),
+                "pair_similarity_spearman_x100": round(100 * float(spearmanr(pair_cosines(vectors),
+                                                                             reference_pairs)[0]), 3)}
+    return fidelity
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", default="../shared/data/nli/snli/test.jsonl")
@@ -66,17 +99,9 @@ def main() -> None:
     sentences = held_out_texts(args.text, args.sentences)
     model, tokenizer = load_causal_lm(args.model, dtype=torch.float32)
     fp32 = PromptEOLEncoder(model, tokenizer, batch_size=64, show_progress=False)
-    reference = fp32.encode(sentences)
+    fidelity = pair_fidelity(fp32.encode(sentences), args.pairs)
     sets = sts_sets(args.senteval_dir, args.sts_pairs) if args.senteval_dir else []
     reference_sts = sts_similarities(fp32, sets)
-    rng = np.random.default_rng(0)
-    left, right = rng.integers(0, len(sentences), args.pairs), rng.integers(0, len(sentences), args.pairs)
-
-    def pair_cosines(vectors: np.ndarray) -> np.ndarray:
-        normed = unit(vectors)
-        return np.sum(normed[left] * normed[right], axis=1)
-
-    reference_pairs = pair_cosines(reference)
     rows = []
     for layer_set in args.layer_sets:
         for alpha in args.alphas:
@@ -84,21 +109,9 @@ def main() -> None:
             quantized = quantize_int8(copy.deepcopy(model), tokenizer, template=PROMPTEOL_TEMPLATE, alpha=alpha,
                                       names=LAYER_SETS[layer_set])
             int8 = PromptEOLEncoder(quantized, tokenizer, batch_size=64, show_progress=False)
-            vectors = int8.encode(sentences)
-            row = {
-                "layers": layer_set, "alpha": alpha,
-                "mean_cosine_to_fp32": round(float(np.mean(np.sum(unit(vectors) * unit(reference), axis=1))), 5),
-                "pair_similarity_spearman_x100": round(100 * float(spearmanr(pair_cosines(vectors),
-                                                                             reference_pairs)[0]), 3),
-                "seconds": round(time.perf_counter() - start, 1),
-            }
-            int8_sts = sts_similarities(int8, sets)
-            for subset in sets:
-                fp32_sims, int8_sims = reference_sts[subset.task], int8_sts[subset.task]
-                row[f"{subset.task}_train"] = {
-                    "fp32_spearman": round(spearman100(fp32_sims, subset.scores), 2),
-                    "int8_spearman": round(spearman100(int8_sims, subset.scores), 2),
-                    "delta_ci95": [round(x, 2) for x in paired_bootstrap(subset.scores, fp32_sims, int8_sims)]}
+            row = {"layers": layer_set, "alpha": alpha, **fidelity(int8.encode(sentences)),
+                   "seconds": round(time.perf_counter() - start, 1)}
+            row.update(sts_changes(sets, reference_sts, sts_similarities(int8, sets)))
             print(row, flush=True)
             rows.append(row)
     best = max(rows, key=lambda r: r["pair_similarity_spearman_x100"])
