@@ -54,6 +54,25 @@ def test_shared_prefix_cache_changes_nothing(tiny):
     np.testing.assert_allclose(*layer1, rtol=1e-4, atol=1e-5)
 
 
+def test_last_position_only_changes_nothing_and_restores_the_layer(tiny):
+    """The final layer computed at the last position only gives the full layer's vectors, with and without the
+    shared prefix and left padding, in fp32 and int8; the model's own layer is back afterwards."""
+    from sempa_train.stages.last_position import LastPositionLayer, last_position_only
+    from sempa_train.stages.quantize import quantize_int8
+
+    model, tokenizer = tiny
+    int8 = quantize_int8(copy.deepcopy(model), tokenizer, template=PROMPTEOL_TEMPLATE, sentences=SENTENCES)
+    for lm in (model, int8):
+        for share in (True, False):
+            fast, full = (PromptEOLEncoder(lm, tokenizer, batch_size=3, show_progress=False, share_prefix=share,
+                                           last_position=last).encode(SENTENCES) for last in (True, False))
+            np.testing.assert_allclose(fast, full, rtol=1e-4, atol=1e-5)
+    last = model.model.layers[-1]
+    with last_position_only(model.model) as swapped:
+        assert swapped and isinstance(model.model.layers[-1], LastPositionLayer)
+    assert model.model.layers[-1] is last
+
+
 def test_smoothing_is_exact_and_int8_stays_close(tiny, tiny_model_dir):
     """quantize=int8: smoothing alone computes the same vectors; after int8 they stay close to fp32."""
     from sempa_train.stages.quantize import input_maxima, smooth
@@ -120,6 +139,28 @@ def test_int8_linear_scales_each_token_by_itself():
     product = (rows / row_scale).round() @ int8.weight_t.float()
     reference = product * row_scale * int8.weight_scale + linear.bias.detach()
     torch.testing.assert_close(got.reshape(-1, 32), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_reading_one_input_quantise_it_once(monkeypatch):
+    """q/k/v (and gate/up) share a quantiser: one input is quantised once, with the same result as apart."""
+    from sempa_train.stages import quantize
+
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(64, n) for n in (32, 16, 16)]
+    shared = quantize.SharedInput()
+    together = [quantize.Int8Linear(linear, shared=shared) for linear in linears]
+    apart = [quantize.Int8Linear(linear) for linear in linears]
+    calls, original = [], quantize.quantize_rows
+    monkeypatch.setattr(quantize, "quantize_rows", lambda x: calls.append(x.shape) or original(x))
+    x, y = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
+    outputs = [layer(x) for layer in together]
+    assert len(calls) == 1
+    for got, layer in zip(outputs, apart, strict=True):
+        torch.testing.assert_close(got, layer(x), rtol=0, atol=0)
+    together[0](y), together[1](y)  # a new input is quantised again, once
+    assert len(calls) == 2
+    del y
+    assert shared._rows is None  # nothing is kept once the input is gone
 
 
 def test_int8_weights_are_7_bit_without_int8_dot_products_and_exact_there(monkeypatch, tiny_model_dir):

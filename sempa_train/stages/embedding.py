@@ -10,6 +10,8 @@ padding. For speed it
 * runs the decoder only (no LM head over the vocabulary) and returns only the last position,
 * runs the template's opening (``This sentence : "``, the tokens every prompt starts with) once and
   reuses its key/value cache for every batch (``share_prefix``),
+* computes the final layer at the last position only, the one PromptEOL reads (``last_position``; other
+  positions give that layer only their keys and values),
 * uses bf16 weights where the hardware has bf16 matrix units (``dtype="auto"``).
 
 ``backend="vllm"`` (``EmbedConfig``) runs the same prompts through vLLM's pooling runner instead (last
@@ -27,6 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,6 +50,7 @@ from sempa_train.core.models import (
     weights_kwargs,
 )
 from sempa_train.core.templates import PROMPTEOL_TEMPLATE, prompteol_prompt
+from sempa_train.stages.last_position import last_position_only
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +98,11 @@ class PromptEOLEncoder(DedupEncoder):
         name: str = "",
         show_progress: bool | None = None,
         share_prefix: bool = True,
+        last_position: bool = True,
     ) -> None:
         self.model = model
         self.share_prefix = share_prefix
+        self.last_position = last_position
         self.decoder = model.get_decoder()  # the transformer without the LM head
         self.tokenizer = tokenizer
         self.template = template
@@ -146,8 +152,9 @@ class PromptEOLEncoder(DedupEncoder):
             mask = torch.cat([mask.new_ones(len(batch_ids), offset), mask], dim=1)
             kwargs = {"past_key_values": cache, "use_cache": True}
         if self.layer == -1:
-            hidden = self.decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                  **kwargs).last_hidden_state
+            with last_position_only(self.decoder) if self.last_position else nullcontext():
+                hidden = self.decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                      **kwargs).last_hidden_state
         else:
             hidden = self.decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                   output_hidden_states=True, **kwargs).hidden_states[self.layer]

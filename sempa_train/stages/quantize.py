@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -122,15 +123,41 @@ def smooth(model: Any, maxima: dict[str, torch.Tensor], alpha: float = ALPHA) ->
     return model
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as int8 rows (tokens) with one fp32 scale per row: ``(rows, in)`` int8 and ``(rows, 1)`` scales."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    scale = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).div_(127).clamp_(min=1e-8)
+    return torch.div(rows, scale).round_().to(torch.int8), scale
+
+
+class SharedInput:
+    """Quantises an input once for all the int8 layers that read it (q/k/v read one normed input, gate/up
+    another): it keeps the last input's int8 rows while that tensor is alive, and knows it by identity."""
+
+    def __init__(self) -> None:
+        self._input: weakref.ref | None = None
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rows is None or self._input is None or self._input() is not x:
+            self._rows = quantize_rows(x)
+            self._input = weakref.ref(x, self._forget)
+        return self._rows
+
+    def _forget(self, _: weakref.ref) -> None:
+        self._input, self._rows = None, None
+
+
 class Int8Linear(torch.nn.Module):
     """A linear layer computed in int8: weights quantised once per output channel, activations per token at
     each call (each row its own scale, so one token's large values do not coarsen the others'), the product
     accumulated in int32 by ``torch._int_mm`` and rescaled to fp32. ``weight_levels`` is the largest integer a
     weight may take: 127, or 63 on a CPU without int8 dot-product instructions, where oneDNN adds pairs of
     (activation + 128) x weight products in int16 and full-range weights overflow it (255 x 127 x 2 > 32767;
-    with 7-bit weights the product is exact: tests/test_embedding.py checks both in an AVX2-capped process)."""
+    with 7-bit weights the product is exact: tests/test_embedding.py checks both in an AVX2-capped process).
+    Layers given one ``shared`` quantiser quantise an input they all read once."""
 
-    def __init__(self, linear: torch.nn.Linear, weight_levels: int = 127) -> None:
+    def __init__(self, linear: torch.nn.Linear, weight_levels: int = 127, shared: SharedInput | None = None) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
         scale = (weight.abs().amax(1) / weight_levels).clamp(min=1e-8)
@@ -139,13 +166,13 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("weight_scale", scale)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(),
                                                                         requires_grad=False)
+        self.quantize = shared or quantize_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).float()
-        scale = rows.abs().amax(1, keepdim=True).div_(127).clamp_(min=1e-8)
+        rows, scale = self.quantize(x)
         # The int32 product times the fp32 row scales is one pass that also converts (type promotion); then the
         # channel scales in place: no (rows x out) scale matrix and no separate int32 -> fp32 copy.
-        out = torch.mul(torch._int_mm(torch.div(rows, scale).round_().to(torch.int8), self.weight_t), scale)
+        out = torch.mul(torch._int_mm(rows, self.weight_t), scale)
         out.mul_(self.weight_scale)
         if self.bias is not None:
             out.add_(self.bias)
@@ -177,10 +204,13 @@ def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1,
     count = 0
     for i, block in enumerate(smoothed.get_decoder().layers):
         wanted = {*names, "down_proj"} if i in down else set(names)
+        attention_input, mlp_input = SharedInput(), SharedInput()
+        shared = {"q_proj": attention_input, "k_proj": attention_input, "v_proj": attention_input,
+                  "gate_proj": mlp_input, "up_proj": mlp_input}
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if name in wanted and isinstance(child, torch.nn.Linear):
-                    setattr(parent, name, Int8Linear(child, levels))
+                    setattr(parent, name, Int8Linear(child, levels, shared.get(name)))
                     count += 1
     log.info("int8 PromptEOL: %d linear layers quantised after smoothing (alpha %.2f, %d calibration sentences, "
              "down_proj in %d of %d layers, weights in +-%d%s)", count, alpha, len(sentences), len(down),
