@@ -164,7 +164,8 @@ def test_bf16_first_step_loss_is_log2_when_the_reference_runs_in_the_training_ba
     assert first == pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_in_batch_reference_log_probs_are_cached_by_row(tiny_model_dir, sample_prefs, tmp_path, monkeypatch):
+def test_in_batch_reference_log_probs_are_cached_by_row(tiny_model_dir, sample_prefs, tmp_path, monkeypatch,
+                                                        caplog):
     import polars as pl
 
     from sempa_train.core.io import read_dataset
@@ -182,6 +183,10 @@ def test_in_batch_reference_log_probs_are_cached_by_row(tiny_model_dir, sample_p
             longer.metrics["ref_log_probs_cached"]) == (False, True, False)
     assert pl.read_parquet(cache_file).filter(~pl.col("ref_chosen_logps").is_nan()).height == 8
     assert second.metrics["final_loss"] == pytest.approx(first.metrics["final_loss"], abs=1e-6)
+    cache_file.write_bytes(b"not parquet")  # a damaged cache file is ignored, computed again and replaced
+    again = train_dpo(cfg, sample_prefs, tmp_path / "d")
+    assert again.metrics["ref_log_probs_cached"] is False and str(cache_file) in caplog.text
+    assert pl.read_parquet(cache_file).height == cached.height
 
 
 @pytest.mark.parametrize(("loss", "extra"), [

@@ -364,14 +364,20 @@ class SharedPromptDPOTrainer(DPOTrainer):
 
     @staticmethod
     def _read_ref_cache(path: Path, rows: int) -> torch.Tensor | None:
-        """The cached (rows, 2) reference log-probs at ``path`` (NaN where not computed yet), or None."""
+        """The cached (rows, 2) reference log-probs at ``path`` (NaN where not computed yet), or None: also for a
+        file that cannot be read as such (damaged, other columns), which is then computed again and replaced."""
         if not path.is_file():
             return None
-        cached = pl.read_parquet(path)
+        try:
+            cached = pl.read_parquet(path).select(list(REF_LOGPS_SCHEMA))
+        except (OSError, pl.exceptions.PolarsError) as error:
+            log.warning("train: ignoring the reference log-prob cache %s, which cannot be read (%s); computing it "
+                        "again", path, str(error).splitlines()[0] if str(error) else type(error).__name__)
+            return None
         if cached.height != rows:
             log.warning("train: ignoring %s: %d rows for a dataset of %d", path, cached.height, rows)
             return None
-        return cached.select(list(REF_LOGPS_SCHEMA)).to_torch(dtype=pl.Float32)
+        return cached.to_torch(dtype=pl.Float32)
 
     def _ref_logps_by_length(self, dataset: Any, name: str, batch_size: int) -> Any:
         """TRL's reference pass over the rows shortest first, so each batch is padded to rows of its own length;
