@@ -19,6 +19,7 @@ import argparse
 import copy
 import time
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -83,25 +84,45 @@ def pair_fidelity(reference: np.ndarray, pairs: int, seed: int = 0) -> Callable[
     return fidelity
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_reference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The text, model and STS sets int8 is compared with fp32 on (this script and int8_layer_sensitivity.py)."""
     parser.add_argument("--text", default="../shared/data/nli/snli/test.jsonl")
     parser.add_argument("--sentences", type=int, default=1000)
     parser.add_argument("--pairs", type=int, default=5000)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.65, 0.8, 0.9])
-    parser.add_argument("--layer-sets", nargs="+", default=["default"], choices=sorted(LAYER_SETS))
-    parser.add_argument("--senteval-dir", default=None, help="also score STS-B train and SICK train from here")
     parser.add_argument("--sts-pairs", type=int, default=2000, help="pairs of each STS set (first N)")
     parser.add_argument("--tag", default="")
-    args = parser.parse_args()
 
+
+class Reference(NamedTuple):
+    """fp32's side of the comparison: the model, the sentences, how close other vectors of them are to fp32's, and
+    fp32's similarities on the STS sets."""
+    model: Any
+    tokenizer: Any
+    sentences: list[str]
+    fidelity: Callable[[np.ndarray], dict[str, float]]
+    sets: list[STSSubset]
+    sts: dict[str, np.ndarray]
+
+
+def fp32_reference(args: argparse.Namespace) -> Reference:
     sentences = held_out_texts(args.text, args.sentences)
     model, tokenizer = load_causal_lm(args.model, dtype=torch.float32)
     fp32 = PromptEOLEncoder(model, tokenizer, batch_size=64, show_progress=False)
-    fidelity = pair_fidelity(fp32.encode(sentences), args.pairs)
     sets = sts_sets(args.senteval_dir, args.sts_pairs) if args.senteval_dir else []
-    reference_sts = sts_similarities(fp32, sets)
+    return Reference(model, tokenizer, sentences, pair_fidelity(fp32.encode(sentences), args.pairs), sets,
+                     sts_similarities(fp32, sets))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_reference_arguments(parser)
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.65, 0.8, 0.9])
+    parser.add_argument("--layer-sets", nargs="+", default=["default"], choices=sorted(LAYER_SETS))
+    parser.add_argument("--senteval-dir", default=None, help="also score STS-B train and SICK train from here")
+    args = parser.parse_args()
+
+    model, tokenizer, sentences, fidelity, sets, reference_sts = fp32_reference(args)
     rows = []
     for layer_set in args.layer_sets:
         for alpha in args.alphas:

@@ -10,7 +10,8 @@ ranks the layers by it, least harm first. Step 2 takes the first k layers of tha
 ``--cuts`` and measures the same fidelity plus the Spearman change on the first ``--sts-pairs`` pairs of STS-B
 train and SICK train (no dev set), with 95 % paired-bootstrap intervals. The rule, fixed before the run: the
 chosen k is the largest cut whose two STS changes are both within ``--max-change`` (0.15) of fp32; the dev set
-is not looked at. Plan: about 16 min for step 1 and 3 min per cut (2 cores, AVX2 cap). Writes
+is not looked at. Plan: about 17 min for step 1 and 2 min per cut, 36 min in all with the default cuts (2 Zen 4
+cores under the AVX2 cap). Writes
 ``tests/benchmarks/results/int8_layer_sensitivity[-TAG].json``.
 """
 
@@ -20,37 +21,24 @@ import argparse
 import copy
 import time
 
-import torch
 from common import save
-from int8_fidelity import pair_fidelity, sts_changes, sts_sets, sts_similarities
+from int8_fidelity import add_reference_arguments, fp32_reference, sts_changes, sts_similarities
 
-from sempa_train.core.models import load_causal_lm
 from sempa_train.core.templates import PROMPTEOL_TEMPLATE
 from sempa_train.stages.embedding import PromptEOLEncoder
 from sempa_train.stages.quantize import quantize_int8
-from sempa_train.stages.retention import held_out_texts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", default="../shared/data/nli/snli/test.jsonl")
-    parser.add_argument("--sentences", type=int, default=1000)
-    parser.add_argument("--pairs", type=int, default=5000)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    add_reference_arguments(parser)
     parser.add_argument("--senteval-dir", required=True, help="STS-B train and SICK train are read from here")
-    parser.add_argument("--sts-pairs", type=int, default=2000, help="pairs of each STS set (first N)")
     parser.add_argument("--cuts", type=int, nargs="+", default=[10, 15, 20, 24, 27, 30],
                         help="numbers of layers (least sensitive first) to try together in step 2")
     parser.add_argument("--max-change", type=float, default=0.15, help="largest STS change the chosen cut may make")
-    parser.add_argument("--tag", default="")
     args = parser.parse_args()
 
-    sentences = held_out_texts(args.text, args.sentences)
-    model, tokenizer = load_causal_lm(args.model, dtype=torch.float32)
-    fp32 = PromptEOLEncoder(model, tokenizer, batch_size=64, show_progress=False)
-    fidelity = pair_fidelity(fp32.encode(sentences), args.pairs)
-    sets = sts_sets(args.senteval_dir, args.sts_pairs)
-    reference_sts = sts_similarities(fp32, sets)
+    model, tokenizer, sentences, fidelity, sets, reference_sts = fp32_reference(args)
     layers = len(model.get_decoder().layers)
 
     def encoder(down_proj_layers: list[int]) -> PromptEOLEncoder:
