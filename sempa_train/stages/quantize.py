@@ -14,9 +14,9 @@ per batch quantising it lost 20 points, and with per-token scales it still follo
 rest (tests/benchmarks/int8_fidelity.py), even smoothed (through up_proj's output channels, exact because
 SiLU(gate) x up is linear in up; done whenever down_proj is quantised), and in none of the sets of layers tried
 (the 10-30 where it costs least) did it keep STS scores within 0.15 (``down_proj_layers``;
-tests/benchmarks/int8_layer_sensitivity.py). ``Int8Linear``
-scales each token (row) of its input by itself, so a vector does not depend on the batch it is in, and one
-token's large values do not coarsen its neighbours' steps; q/k/v, and gate/up, quantise their shared input once.
+tests/benchmarks/int8_layer_sensitivity.py). ``Int8Linear`` scales each token (row) of its input by itself, so
+a vector does not depend on the batch it is in, and one token's large values do not coarsen its neighbours'
+steps; q/k/v, and gate/up, quantise the input they share once.
 
 The calibration text is fixed (the 50 sentences of ``data/heldout_text.txt`` and the 64 premises of
 ``data/nli_sample.jsonl``: plain prose and captions), never the data being encoded, so the quantised model
@@ -131,7 +131,7 @@ def smooth(model: Any, maxima: dict[str, torch.Tensor], alpha: float = ALPHA) ->
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` as int8 rows (tokens) with one fp32 scale per row: ``(rows, in)`` int8 and ``(rows, 1)`` scales."""
     rows = x.reshape(-1, x.shape[-1]).float()
-    scale = rows.abs().amax(1, keepdim=True).div_(127).clamp_(min=1e-8)  # (linalg's inf-norm is 10x slower)
+    scale = rows.abs().amax(1, keepdim=True).div_(127).clamp_(min=1e-8)  # (linalg's inf-norm: far slower)
     return torch.div(rows, scale).round_().to(torch.int8), scale
 
 
@@ -175,8 +175,8 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, scale = self.quantize(x)
-        # int32 -> fp32, then the row and the channel scales in place: no (rows x out) scale matrix, and 20-35 %
-        # faster than letting the first multiplication convert (torch's mixed-type loop is slower; same values).
+        # int32 -> fp32, then the row and the channel scales in place: no (rows x out) scale matrix, and faster
+        # than letting the first multiplication convert (torch's mixed-type loop is slower; same values).
         out = torch._int_mm(rows, self.weight_t).float().mul_(scale).mul_(self.weight_scale)
         if self.bias is not None:
             out.add_(self.bias)
