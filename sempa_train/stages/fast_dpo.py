@@ -297,9 +297,10 @@ class SharedPromptDPOTrainer(DPOTrainer):
     def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
         self._install_forward()
         in_batch = self._ref_in_batch(name)
+        ref_pass = "in_batch" if in_batch else "by_length"
         if name == "train":
-            self.ref_pass_used = "in_batch" if in_batch else "by_length"
-        key = self._ref_cache_key(dataset, "in_batch" if in_batch else "by_length")
+            self.ref_pass_used = ref_pass
+        key = self._ref_cache_key(dataset, ref_pass)
         path = self.ref_cache_dir / f"{key}.parquet" if self.ref_cache_dir else None
         cached = self._read_ref_cache(path, len(dataset)) if path else None
         if in_batch:

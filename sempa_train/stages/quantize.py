@@ -193,9 +193,9 @@ def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1,
     from sempa_train.stages.embedding import PromptEOLEncoder
 
     blocks = model.get_decoder().layers
-    down = {i for i in range(len(blocks)) if "down_proj" in names or i in set(down_proj_layers)}
     if unknown := set(down_proj_layers) - set(range(len(blocks))):
         raise ValueError(f"down_proj_layers {sorted(unknown)}: the model has decoder layers 0-{len(blocks) - 1}")
+    down = set(range(len(blocks))) if "down_proj" in names else set(down_proj_layers)
     sentences = list(sentences) if sentences is not None else calibration_sentences()
     calibrate = PromptEOLEncoder(model, tokenizer, template=template, layer=layer, batch_size=1,
                                  show_progress=False).encode

@@ -14,8 +14,8 @@ prefix, whose key/value cache object would recompile the graph): its one-off com
 warm-up) is reported apart and added to its STS7 time; and ``quantize=int8`` (SmoothQuant-style smoothing,
 dynamic int8 q/k/v and gate/up projections; its setup, calibration included, reported apart), and, as a
 lever under test, the same with down_proj in int8 in every layer (``sempa_int8_down_proj``; its input smoothed
-as well) or in none (``sempa_int8_no_down_proj``), and the library's int8 with the final layer computed at every
-position (``sempa_int8_full_last_layer``: what computing it at the last position only saves).
+as well), and the library's int8 with the final layer computed at every position (``sempa_int8_full_last_layer``:
+what computing it at the last position only saves).
 Each arm's Spearman change from the baseline comes with its 95 % paired-bootstrap interval over the pairs.
 ``--arms`` runs a subset (the baseline always runs). Runs alternate (baseline, fp32, ...,
 baseline, ...) so background load hits all alike; the median of ``--repeats`` is reported, with the
@@ -44,7 +44,7 @@ from sempa_train.stages.quantize import quantize_int8
 from sempa_train.stages.sts_data import load_senteval_task
 
 ARMS = ["baseline_fp32", "sempa_fp32_no_shared_prefix", "sempa_fp32", "sempa_auto", "sempa_fp32_compiled",
-        "sempa_int8", "sempa_int8_no_down_proj", "sempa_int8_down_proj", "sempa_int8_full_last_layer"]
+        "sempa_int8", "sempa_int8_down_proj", "sempa_int8_full_last_layer"]
 STS7_SENTENCES = 37_700  # both sides of every pair of STS12-16, STS-B test and SICK-R test
 
 
@@ -88,13 +88,10 @@ def main() -> None:
     ours_int8 = (load_encoder(args.model, EmbedConfig(quantize="int8", batch_size=64), show_progress=False)
                  if {"sempa_int8", "sempa_int8_full_last_layer"} & set(args.arms) else None)
     int8_setup_seconds = time.perf_counter() - start  # loading, calibration and quantisation
-
-    def int8_encoder(**options) -> PromptEOLEncoder:
-        return PromptEOLEncoder(quantize_int8(ours_fp32.model, ours_fp32.tokenizer, template=PROMPTEOL_TEMPLATE,
-                                              **options), ours_fp32.tokenizer, batch_size=64, show_progress=False)
-
-    ours_int8_down = int8_encoder(names=LAYER_SETS["with_down_proj"]) if "sempa_int8_down_proj" in args.arms else None
-    ours_int8_no_down = int8_encoder(down_proj_layers=()) if "sempa_int8_no_down_proj" in args.arms else None
+    ours_int8_down = (PromptEOLEncoder(quantize_int8(ours_fp32.model, ours_fp32.tokenizer, template=PROMPTEOL_TEMPLATE,
+                                                     names=LAYER_SETS["with_down_proj"]),
+                                       ours_fp32.tokenizer, batch_size=64, show_progress=False)
+                      if "sempa_int8_down_proj" in args.arms else None)
     ours_int8_full_last = (PromptEOLEncoder(ours_int8.model, ours_int8.tokenizer, batch_size=64, show_progress=False,
                                             last_position=False)
                            if ours_int8 is not None and "sempa_int8_full_last_layer" in args.arms else None)
@@ -120,7 +117,6 @@ def main() -> None:
         "sempa_fp32_compiled": lambda: compiled_encode(sentences),
         "sempa_int8": lambda: ours_int8.encode(sentences),
         "sempa_int8_down_proj": lambda: ours_int8_down.encode(sentences),
-        "sempa_int8_no_down_proj": lambda: ours_int8_no_down.encode(sentences),
         "sempa_int8_full_last_layer": lambda: ours_int8_full_last.encode(sentences),
     }
     runners = {name: run for name, run in runners.items() if name in args.arms}
