@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 
 from common import save
 from int8_fidelity import add_reference_arguments, fp32_reference, sts_changes, sts_similarities
 
+from sempa_train.core.models import resolve_model
 from sempa_train.core.templates import PROMPTEOL_TEMPLATE
 from sempa_train.stages.embedding import PromptEOLEncoder
 from sempa_train.stages.quantize import quantize_int8
@@ -37,9 +39,11 @@ def main() -> None:
                         help="numbers of layers (least sensitive first) to try together in step 2")
     parser.add_argument("--max-change", type=float, default=0.15, help="largest STS change the chosen cut may make")
     args = parser.parse_args()
+    layers = json.loads((resolve_model(args.model) / "config.json").read_text())["num_hidden_layers"]
+    if outside := [k for k in args.cuts if not 0 < k <= layers]:
+        parser.error(f"--cuts {outside}: a cut is a number of layers, 1-{layers} for {args.model}")
 
     model, tokenizer, sentences, fidelity, sets, reference_sts = fp32_reference(args)
-    layers = len(model.get_decoder().layers)
 
     def encoder(down_proj_layers: list[int]) -> PromptEOLEncoder:
         quantized = quantize_int8(copy.deepcopy(model), tokenizer, template=PROMPTEOL_TEMPLATE,
@@ -60,7 +64,7 @@ def main() -> None:
     singles = [measure([i], with_sts=False) for i in range(layers)]
     ranking = [row["down_proj_layers"][0] for row in
                sorted(singles, key=lambda r: r["pair_similarity_spearman_x100"], reverse=True)]
-    cuts = [measure(sorted(ranking[:k]), with_sts=True) for k in args.cuts if 0 < k <= layers]
+    cuts = [measure(sorted(ranking[:k]), with_sts=True) for k in args.cuts]
     within = [row for row in cuts if all(abs(row[f"{s.task}_train"]["delta"]) <= args.max_change for s in sets)]
     chosen = max(within, key=lambda r: len(r["down_proj_layers"]), default=None)
     save("int8_layer_sensitivity", {
