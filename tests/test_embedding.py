@@ -119,6 +119,28 @@ def test_down_proj_in_int8_only_in_the_layers_asked_for(tiny):
         quantize_int8(model, tokenizer, template=PROMPTEOL_TEMPLATE, sentences=SENTENCES, down_proj_layers=[5])
 
 
+def test_int8_calibration_reads_every_position_of_the_final_layer(tiny, monkeypatch):
+    """The final layer's k/v read every position, so its smoothing factors come from every position's maxima, not
+    from the last position that PromptEOL's shortcut computes q_proj and the MLP at."""
+    from sempa_train.stages import quantize
+
+    model, tokenizer = tiny
+    used, original = {}, quantize.input_maxima
+
+    def record(*args, **kwargs):
+        used.update(original(*args, **kwargs))
+        return used
+
+    monkeypatch.setattr(quantize, "input_maxima", record)
+    quantize.quantize_int8(copy.deepcopy(model), tokenizer, template=PROMPTEOL_TEMPLATE, sentences=SENTENCES)
+    final = f"{model.config.num_hidden_layers - 1}.self_attn.q_proj"
+    maxima = {last: original(model, PromptEOLEncoder(model, tokenizer, batch_size=1, show_progress=False,
+                                                     last_position=last).encode, SENTENCES)[final]
+              for last in (True, False)}
+    assert torch.equal(used[final], maxima[False])
+    assert not torch.equal(maxima[True], maxima[False])  # the shortcut would have seen less
+
+
 def test_int8_linear_scales_each_token_by_itself():
     """A token with values 100x larger does not coarsen its neighbours' int8 steps (one scale per row)."""
     from sempa_train.stages.quantize import Int8Linear

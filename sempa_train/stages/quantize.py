@@ -55,8 +55,9 @@ QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 DOWN_PROJ_LAYERS: tuple[int, ...] = ()
 # Part of the key of cached int8 results: raise it when the same config starts to compute other vectors.
 # 2: the template's opening in fp32 (5e37c21; reverted in 73448a6, it moved STS scores +0.5 to +0.85 from fp32's);
-# 3: the int8 opening again, as before the key carried a version.
-INT8_VERSION = 3
+# 3: the int8 opening again, as before the key carried a version; 4: calibrated on every position of the final layer
+# again (b726d0a-2bae01d calibrated its q/k/v and gate/up on the last position only).
+INT8_VERSION = 4
 
 
 def calibration_sentences(files: Sequence[Path] = CALIBRATION_FILES) -> list[str]:
@@ -188,8 +189,8 @@ def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1,
                   down_proj_layers: Sequence[int] = DOWN_PROJ_LAYERS) -> Any:
     """The smoothed model with its ``names`` projections in int8 (``Int8Linear``, CPU) in every decoder layer, and
     down_proj too in the layers ``down_proj_layers`` lists, calibrated by running PromptEOL (``template``,
-    ``layer``) on ``sentences`` one a batch: padding positions would enter the activation maxima with values no
-    real token has."""
+    ``layer``) on ``sentences`` one a batch (padding positions would enter the activation maxima with values no
+    real token has) and every layer at every position."""
     from sempa_train.stages.embedding import PromptEOLEncoder
 
     blocks = model.get_decoder().layers
@@ -197,8 +198,10 @@ def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1,
         raise ValueError(f"down_proj_layers {sorted(unknown)}: the model has decoder layers 0-{len(blocks) - 1}")
     down = set(range(len(blocks))) if "down_proj" in names else set(down_proj_layers)
     sentences = list(sentences) if sentences is not None else calibration_sentences()
+    # The full final layer: with PromptEOL's last-position shortcut its q_proj and gate_proj would see the last
+    # position only, while its k_proj and v_proj, smoothed by the same factors, read every position.
     calibrate = PromptEOLEncoder(model, tokenizer, template=template, layer=layer, batch_size=1,
-                                 show_progress=False).encode
+                                 show_progress=False, last_position=False).encode
     maxima = input_maxima(model, calibrate, sentences, ("q_proj", "gate_proj", "down_proj") if down
                           else ("q_proj", "gate_proj"))
     maxima = {key: value for key, value in maxima.items()
