@@ -14,12 +14,12 @@ Two parts, both on the machine at hand:
    projection replaced by a fake-quantised one (rounding to the grid in fp32, so a split this CPU cannot compute
    exactly can still be measured), scored as ``int8_fidelity.py`` scores int8: pair similarities on ``--sentences``
    SNLI-test premises against fp32's. Splits: activations per token in 8 or 7 bits (symmetric, or 7-bit
-   asymmetric with a zero point) or exact, times weights per output channel in 8 or 7 bits or exact; for the
+   asymmetric with a zero point) or exact, times weights per output channel in 7, 8 or 12 bits or exact; for the
    default layers and for the default layers plus down_proj. The real ``Int8Linear`` encoder is scored too, to
    show the fake one matches it.
 
 It answers whether another way of filling the 15 bits that a pair sum allows would bring down_proj into int8,
-which is what the 4x embedding target needs on such a CPU. About 8 min on 2 cores. Writes
+which is what the 4x embedding target needs on such a CPU. About 10 min on 2 cores. Writes
 ``tests/benchmarks/results/int8_error_sources[-TAG].json``.
 """
 
@@ -53,6 +53,7 @@ SPLITS = {
     "a7w8": Split(63, False, 127),    # the other exact split there (activations shifted into [-128, -1])
     "a7asym_w8": Split(127, True, 127),  # 7-bit activations with a per-token zero point: 128 levels
     "a8w8": Split(127, False, 127),   # Int8Linear with int8 dot products (VNNI, AMX)
+    "a8w12": Split(127, False, 2047),  # exact only in a product of our own (int16 pairs summed into int32)
     "a8_exact_weights": Split(127, False, None),
     "exact_activations_w7": Split(None, False, 63),
 }
