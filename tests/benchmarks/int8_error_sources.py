@@ -19,7 +19,7 @@ Two parts, both on the machine at hand:
    show the fake one matches it.
 
 It answers whether another way of filling the 15 bits that a pair sum allows would bring down_proj into int8,
-which is what the 4x embedding target needs on such a CPU. About 10 min on 2 cores. Writes
+which is what the 4x embedding target needs on such a CPU. About 11 min on 2 cores. Writes
 ``tests/benchmarks/results/int8_error_sources[-TAG].json``.
 """
 

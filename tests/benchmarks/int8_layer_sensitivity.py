@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 
 from common import save
 from int8_fidelity import add_reference_arguments, fp32_reference, sts_changes, sts_similarities
+from transformers import AutoConfig
 
 from sempa_train.core.models import resolve_model
 from sempa_train.core.templates import PROMPTEOL_TEMPLATE
@@ -39,7 +39,7 @@ def main() -> None:
                         help="numbers of layers (least sensitive first) to try together in step 2")
     parser.add_argument("--max-change", type=float, default=0.15, help="largest STS change the chosen cut may make")
     args = parser.parse_args()
-    layers = json.loads((resolve_model(args.model) / "config.json").read_text())["num_hidden_layers"]
+    layers = AutoConfig.from_pretrained(resolve_model(args.model)).num_hidden_layers
     if outside := [k for k in args.cuts if not 0 < k <= layers]:
         parser.error(f"--cuts {outside}: a cut is a number of layers, 1-{layers} for {args.model}")
 
