@@ -16,7 +16,7 @@ Two parts, both on the machine at hand:
    SNLI-test premises against fp32's. Splits: activations per token in 8 or 7 bits (symmetric, or 7-bit
    asymmetric with a zero point) or exact, times weights per output channel in 7, 8 or 12 bits or exact; for the
    default layers and for the default layers plus down_proj. The real ``Int8Linear`` encoder is scored too, to
-   show the fake one matches it.
+   show how closely the fake one follows it.
 
 It answers whether another way of filling the 15 bits that a pair sum allows would bring down_proj into int8,
 which is what the 4x embedding target needs on such a CPU. About 11 min on 2 cores. Writes
