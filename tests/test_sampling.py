@@ -242,6 +242,29 @@ def test_busy_cores_sees_another_process():
         spinner.kill()
 
 
+def test_transformers_threads_fit_the_cores_other_processes_leave(monkeypatch):
+    import os
+
+    import torch
+
+    from sempa_train.stages.generation import fit_threads_to_load
+
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    try:
+        torch.set_num_threads(4)
+        assert fit_threads_to_load(busy=0.2) == 4 and torch.get_num_threads() == 4  # a quiet machine: unchanged
+        assert fit_threads_to_load(busy=1.0) == 3 and torch.get_num_threads() == 3
+        assert fit_threads_to_load(busy=7.0) == 1 and torch.get_num_threads() == 1  # never below one
+        torch.set_num_threads(2)
+        assert fit_threads_to_load(busy=1.0) == 2  # never more than torch had: 3 cores free, 2 threads
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert fit_threads_to_load(busy=3.0) == 2 and torch.get_num_threads() == 2  # the user's count is kept
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_stop_at_newline_ends_candidates_at_their_first_line(tiny_model_dir, monkeypatch):
     import torch
 

@@ -12,10 +12,13 @@ the one-off start-up cost (model load or engine start) included. Writes
 
 A shared machine is not a quiet one: ``--busy 1`` keeps one other process spinning on a core for the
 whole run. ``--backends vllm-nobind`` runs vLLM-CPU with ``VLLM_CPU_OMP_THREADS_BIND=nobind`` (its
-OpenMP threads not pinned to cores), to compare with the default binding. The result also records
-what ``--backend auto`` would pick on this machine, and why.
+OpenMP threads not pinned to cores), to compare with the default binding. The transformers backend runs
+on the cores other processes leave free (``generation.fit_threads_to_load``); ``--backends
+transformers-allthreads`` keeps torch's default thread count instead, to compare. The result also records
+what ``--backend auto`` would pick on this machine, and why, and each backend's torch threads.
 
     python tests/benchmarks/sample_throughput.py --sizes 16 --backends vllm,vllm-nobind,transformers --busy 1 --tag busy
+    python tests/benchmarks/sample_throughput.py --sizes 16 --backends transformers,transformers-allthreads --busy 1
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import time
 
+import torch
 from common import save
 
 from sempa_train.core.config import SampleConfig
@@ -70,16 +74,22 @@ def run(args: argparse.Namespace) -> None:
     prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
     seeds = [premise_seed(cfg.seed, pid) for pid in triples["premise_id"]]
 
+    default_threads = torch.get_num_threads()
     results: dict[str, dict[str, object]] = {}
     for name in args.backends.split(","):
         engine = name.split("-")[0]
         if name == "vllm-nobind":
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         start = time.perf_counter()
+        torch.set_num_threads(default_threads)  # as the process started, whatever the backend before set
         backend = build_backend(cfg.replace(backend=engine), model_path, engine)
         os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        if name == "transformers-allthreads":
+            torch.set_num_threads(default_threads)
         startup = time.perf_counter() - start
         results[name] = {"startup_seconds": round(startup, 1)}
+        if engine == "transformers":
+            results[name]["torch_threads"] = torch.get_num_threads()
         for size in sizes:
             start = time.perf_counter()
             generations = backend.generate(prompts[:size], seeds[:size], cfg.generation)
