@@ -261,6 +261,9 @@ def test_transformers_threads_fit_the_cores_other_processes_leave(monkeypatch):
         assert fit_threads_to_load(busy=1.0) == 2  # never more than torch had: 3 cores free, 2 threads
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         assert fit_threads_to_load(busy=3.0) == 2 and torch.get_num_threads() == 2  # the user's count is kept
+        torch.set_num_threads(1)
+        TransformersBackend(None, None, restore_threads=3).close()  # sampling over: the count from before it
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
 

@@ -47,20 +47,29 @@ class GenerationBackend(Protocol):
     def generate(self, prompts: list[list[int]], seeds: list[int],
                  params: GenerationParams) -> list[list[Generation]]: ...
 
+    def close(self) -> None:
+        """Give back what the backend holds (engine processes, the thread count it changed)."""
+
 
 class TransformersBackend:
     """``model.generate`` in batches of ``params.batch_size`` prompts, ``num_return_sequences=n``, left padding.
 
     transformers has no per-sequence seed: each batch is seeded with its first premise's seed, so the
-    output is reproducible for the same shard layout and batch size.
+    output is reproducible for the same shard layout and batch size. ``close`` sets torch's thread count back to
+    ``restore_threads`` (``build_backend`` fits it to the load for the time of sampling).
     """
 
     name = "transformers"
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, restore_threads: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.restore_threads = restore_threads
         self._newlines: set[int] | None = None
+
+    def close(self) -> None:
+        if self.restore_threads is not None:
+            torch.set_num_threads(self.restore_threads)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], seeds: list[int], params: GenerationParams) -> list[list[Generation]]:
@@ -212,11 +221,12 @@ def build_backend(cfg: SampleConfig, model_path: Path, backend: str) -> Generati
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(cfg.device)
+    threads = torch.get_num_threads()
     if device.type == "cpu":
         fit_threads_to_load()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(cfg.dtype, device),
                                                  **weights_kwargs(model_path)).to(device).eval()
-    return TransformersBackend(model, load_tokenizer(model_path))
+    return TransformersBackend(model, load_tokenizer(model_path), restore_threads=threads)
 
 
 def set_vllm_cpu_env() -> None:

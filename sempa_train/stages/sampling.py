@@ -38,7 +38,7 @@ from sempa_train.core.schemas import CANDIDATES_SCHEMA
 from sempa_train.core.shards import ShardPlan, ShardRunner, open_shards, work_dir_for
 from sempa_train.core.templates import resolve_template
 from sempa_train.core.text import clean_candidate, paraphrase_prompt
-from sempa_train.stages.generation import GenerationBackend, VLLMBackend, build_backend, resolve_backend
+from sempa_train.stages.generation import GenerationBackend, build_backend, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,7 @@ class Sampler:
         write_parquet(table, plan.shard_path(index), CANDIDATES_SCHEMA)
 
     def close(self) -> None:
-        if isinstance(self.backend, VLLMBackend):
-            self.backend.close()
+        self.backend.close()
 
 
 def run_shards(cfg: SampleConfig, plan: ShardPlan, backend_name: str, *, show_progress: bool | None = None) -> None:
