@@ -157,7 +157,8 @@ def choose_backend(name: str) -> tuple[str, str]:
 
     * a CUDA GPU: vLLM;
     * a CPU with AVX-512: vLLM — 2.4x the candidates/s of transformers on 2 quiet Zen 4 cores, and 3.7x with
-      another process keeping one core busy (both backends slow down then, transformers more);
+      another process keeping one core busy (both backends slow down then, transformers more); on 2 Sapphire
+      Rapids cores 1.8x quiet and 1.5x busy (against transformers with its threads fitted to the load);
     * a CPU without AVX-512 (AVX2 only): transformers — vLLM-CPU took 2.9x as long there, quiet, and far longer
       beside a busy process.
 
