@@ -129,11 +129,20 @@ def smooth(model: Any, maxima: dict[str, torch.Tensor], alpha: float = ALPHA) ->
     return model
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` as int8 rows (tokens) with one fp32 scale per row: ``(rows, in)`` int8 and ``(rows, 1)`` scales."""
+def quantize_rows(x: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as int8 rows (tokens) in ``+-levels`` with one fp32 scale per row: ``(rows, in)`` int8 and
+    ``(rows, 1)`` scales."""
     rows = x.reshape(-1, x.shape[-1]).float()
-    scale = rows.abs().amax(1, keepdim=True).div_(127).clamp_(min=1e-8)  # (linalg's inf-norm: far slower)
+    scale = rows.abs().amax(1, keepdim=True).div_(levels).clamp_(min=1e-8)  # (linalg's inf-norm: far slower)
     return torch.div(rows, scale).round_().to(torch.int8), scale
+
+
+def weight_grid(weight: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` (out, in) rounded per output channel to the integers in ``+-levels`` (still fp32, so a grid
+    finer than int8 can be measured too), with the ``(out,)`` scales that map them back."""
+    weight = weight.detach().float()
+    scale = (weight.abs().amax(1) / levels).clamp(min=1e-8)
+    return (weight / scale[:, None]).round().clamp(-levels, levels), scale
 
 
 class SharedInput:
@@ -165,10 +174,8 @@ class Int8Linear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear, weight_levels: int = 127, shared: SharedInput | None = None) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
-        scale = (weight.abs().amax(1) / weight_levels).clamp(min=1e-8)
-        self.register_buffer("weight_t", (weight / scale[:, None]).round().clamp(-weight_levels, weight_levels)
-                             .to(torch.int8).t().contiguous())  # (in, out): the layout _int_mm reads fastest
+        levels, scale = weight_grid(linear.weight, weight_levels)
+        self.register_buffer("weight_t", levels.to(torch.int8).t().contiguous())  # (in, out): _int_mm's fastest
         self.register_buffer("weight_scale", scale)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(),
                                                                         requires_grad=False)

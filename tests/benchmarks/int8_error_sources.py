@@ -35,7 +35,7 @@ from int8_fidelity import LAYER_SETS, add_reference_arguments, fp32_reference
 
 from sempa_train.core.templates import PROMPTEOL_TEMPLATE
 from sempa_train.stages.embedding import PromptEOLEncoder
-from sempa_train.stages.quantize import Int8Linear, quantize_int8
+from sempa_train.stages.quantize import Int8Linear, quantize_int8, quantize_rows, weight_grid
 
 # (activation range, weight range) pairs for part 1, inclusive.
 RANGES = [((-128, 127), (-127, 127)), ((-128, 127), (-63, 63)), ((-128, -1), (-128, 127)), ((0, 127), (-127, 127))]
@@ -67,8 +67,8 @@ class FakeQuantLinear(torch.nn.Module):
         super().__init__()
         weight = linear.weight.detach().float()
         if split.weight_levels is not None:
-            scale = (weight.abs().amax(1, keepdim=True) / split.weight_levels).clamp(min=1e-8)
-            weight = (weight / scale).round().clamp(-split.weight_levels, split.weight_levels) * scale
+            levels, scale = weight_grid(weight, split.weight_levels)
+            weight = levels * scale[:, None]
         self.weight, self.split = weight, split
         self.bias = None if linear.bias is None else linear.bias.detach().float()
 
@@ -81,8 +81,8 @@ class FakeQuantLinear(torch.nn.Module):
             step = ((rows.amax(1, keepdim=True) - low) / levels).clamp(min=1e-8)
             zero = torch.round(-low / step)
             return ((rows / step).round() + zero).clamp(0, levels).sub(zero) * step
-        step = (rows.abs().amax(1, keepdim=True) / levels).clamp(min=1e-8)
-        return (rows / step).round() * step
+        integers, scale = quantize_rows(rows, levels)
+        return integers.float() * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.nn.functional.linear(self.round_activations(x.reshape(-1, x.shape[-1])), self.weight, self.bias)
