@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sempa_train.core.config import TrainConfig
-from sempa_train.stages.fast_dpo import SharedPromptDPOTrainer, common_prefix_length, pack_pairs
+from sempa_train.stages.fast_dpo import SharedPromptDPOTrainer, common_prefix_length, head_logits, pack_pairs
 from sempa_train.stages.train import train_dpo
 
 
@@ -45,6 +45,27 @@ def test_pack_pairs_refuses_different_prompts():
     input_ids = torch.tensor([[5, 6, 7], [5, 8, 7]])
     labels = torch.tensor([[-100, -100, 7], [-100, -100, 7]])
     assert pack_pairs(input_ids, torch.ones_like(input_ids), labels) is None
+
+
+def test_frozen_lm_head_is_cast_once_under_autocast_and_again_when_it_changes():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(head_logits(hidden, head), head(hidden))  # the same rounding autocast makes
+        cast = head._sempa_autocast_weight[1]
+        head_logits(hidden, head)
+        assert head._sempa_autocast_weight[1] is cast  # reused, not cast again
+        with torch.no_grad():
+            head.weight.mul_(2)  # an in-place change bumps the version: cast again
+        assert torch.equal(head_logits(hidden, head), head(hidden))
+        assert head._sempa_autocast_weight[1] is not cast
+    head_logits(hidden, head).sum().backward()  # fp32 outside autocast, gradients reach the hidden states
+    assert hidden.grad is not None
+    trained = torch.nn.Linear(16, 50, bias=False)  # a head that trains is left to autocast's own cache
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(head_logits(hidden, trained), trained(hidden))
+    assert not hasattr(trained, "_sempa_autocast_weight")
 
 
 def _trainers(tiny_model_dir, tmp_path):
