@@ -185,6 +185,40 @@ def test_bf16_first_step_loss_is_log2_when_the_reference_runs_in_the_training_ba
     assert first == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_bf16_training_on_cpu_computes_attention_in_fp32_unless_told_not_to(tiny_model_dir, sample_prefs, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv("SEMPA_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = TrainConfig(model=str(tiny_model_dir), max_steps=1, batch_size=4, bf16=True)
+    default = train_dpo(cfg, sample_prefs, tmp_path / "default")
+    plain = train_dpo(cfg.replace(attention_fp32=False), sample_prefs, tmp_path / "plain")
+    fp32 = train_dpo(cfg.replace(bf16=False), sample_prefs, tmp_path / "fp32")  # nothing to change in fp32
+    assert (default.metrics["attention"], plain.metrics["attention"], fp32.metrics["attention"]) == \
+        ("fp32", "sdpa", "sdpa")
+    # the reference log-probs depend on attention's precision: the second run computes its own
+    assert (default.metrics["ref_log_probs_cached"], plain.metrics["ref_log_probs_cached"]) == (False, False)
+    logps = [json.loads((run.out_dir / "train_log.jsonl").read_text().splitlines()[0])["logps/chosen"]
+             for run in (default, plain)]
+    assert logps[0] != logps[1]  # bf16 attention rounds differently
+    assert not [f for f in default.out_dir.rglob("*.json") if "sempa_sdpa_fp32" in f.read_text()]
+
+
+def test_fp32_attention_computes_the_bf16_inputs_in_fp32():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from sempa_train.stages.fp32_attention import sdpa_in_fp32
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 1, True, False
+    q, k, v = (torch.randn(2, 3, 7, 16).to(torch.bfloat16) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = sdpa_in_fp32(module, q, k, v, None)
+        in_bf16, _ = sdpa_attention_forward(module, q, k, v, None)
+    expected, _ = sdpa_attention_forward(module, q.float(), k.float(), v.float(), None)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected.to(torch.bfloat16))
+    assert not torch.equal(out, in_bf16)  # what the kernel computes in bf16 rounds differently
+
+
 def test_in_batch_reference_log_probs_are_cached_by_row(tiny_model_dir, sample_prefs, tmp_path, monkeypatch,
                                                         caplog):
     import polars as pl

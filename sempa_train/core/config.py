@@ -249,7 +249,7 @@ class PolicyConfig(StageConfig):
 class TrainConfig(StageConfig):
     """DPO with LoRA through TRL's ``DPOTrainer``.
 
-    Model: ``model``, ``chat_template``, ``device``, ``bf16``. Objective: ``beta``, ``loss_type``,
+    Model: ``model``, ``chat_template``, ``device``, ``bf16``, ``attention_fp32``. Objective: ``beta``, ``loss_type``,
     ``loss_weights``, ``ld_alpha``, ``dpop_lambda``.
     LoRA: ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``. Optimisation:
     ``learning_rate``, ``warmup_ratio``, ``lr_scheduler``, ``epochs``, ``max_steps``,
@@ -269,6 +269,9 @@ class TrainConfig(StageConfig):
     device: str = option("auto", "auto picks cuda when available", choices=DEVICES)
     bf16: bool | None = option(None, "bf16 autocast (default: on where the device has bf16 matrix units — a CUDA "
                                "GPU, a CPU with AVX512-BF16 or AMX — and off elsewhere, where fp32 is faster)")
+    attention_fp32: bool | None = option(None, "compute attention in fp32 inside a bf16 autocast step, the "
+                                         "projections staying bf16 (default: on a CPU, where torch's bf16 "
+                                         "attention kernel is the slower one; off on a GPU)")
     beta: float = option(0.1, "DPO beta (deviation from the reference)")
     loss_type: str = option("sigmoid", "TRL objective, or several comma-separated ones summed with loss_weights: "
                             "sigmoid (DPO), ipo, apo_zero, nca_pair, bco_pair (raise the chosen likelihood), sft "

@@ -58,12 +58,13 @@ from sempa_train.core.config import REF_PASSES
 from sempa_train.core.io import write_parquet
 from sempa_train.core.result_cache import result_key
 from sempa_train.stages.embedding import common_prefix
+from sempa_train.stages.fp32_attention import NAME as FP32_SDPA
 
 log = logging.getLogger(__name__)
 
 REF_LOGPS_SCHEMA = pl.Schema({"ref_chosen_logps": pl.Float32, "ref_rejected_logps": pl.Float32})
 REF_ROW = "ref_row"  # the pair's row in the training set, so in-batch reference log-probs are kept by row
-MASKS_BY_IMPLEMENTATION = {"sdpa": torch.bool, "eager": torch.float32}
+MASKS_BY_IMPLEMENTATION = {"sdpa": torch.bool, FP32_SDPA: torch.bool, "eager": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def install_forward(model: Any, outputs: tuple[str, ...], *, share_prompt: bool,
     if getattr(model, "_sempa_forward", False):
         return
     if share_prompt and model.config._attn_implementation not in MASKS_BY_IMPLEMENTATION:
-        log.warning("train: shared-prompt forward needs sdpa or eager attention, not %s; using TRL's",
+        log.warning("train: shared-prompt forward needs sdpa (in fp32 too) or eager attention, not %s; using TRL's",
                     model.config._attn_implementation)
         share_prompt = False
     fused_forward = model.forward
@@ -415,14 +416,15 @@ class SharedPromptDPOTrainer(DPOTrainer):
         return scored.select(restore).flatten_indices()
 
     def _ref_cache_key(self, dataset: Any, ref_pass: str) -> str:
-        """Hash of what the reference log-probs depend on: model weights, tokens, truncation, precision, forward,
-        and the pass (which batches, so how bf16 rounds)."""
+        """Hash of what the reference log-probs depend on: model weights, tokens, truncation, precision (attention's
+        too), forward, and the pass (which batches, so how bf16 rounds)."""
         tokens = hashlib.sha256()
         for row in dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]):
             tokens.update(json.dumps(row).encode())
         return result_key("ref_logps", {
             "model": self._precompute_model_hash, "tokens": tokens.hexdigest(), "max_length": self.args.max_length,
             "truncation_mode": self.args.truncation_mode, "bf16": self.args.bf16, "fp16": self.args.fp16,
+            "attention": self.model.config._attn_implementation,
             "ld_alpha": self.ld_alpha, "share_prompt": self.share_prompt, "ref_pass": ref_pass,
         })
 

@@ -118,6 +118,14 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
 
 
+def use_fp32_attention_in_step(cfg: TrainConfig, device: torch.device, bf16: bool) -> bool:
+    """``cfg.attention_fp32``, or when unset: on a CPU under bf16 autocast, where torch's bf16 attention kernel
+    (its backward above all) is slower than the same attention in fp32 (``stages/fp32_attention.py``)."""
+    if not bf16:
+        return False
+    return cfg.attention_fp32 if cfg.attention_fp32 is not None else device.type == "cpu"
+
+
 def build_dpo_config(cfg: TrainConfig, output_dir: Path, device: torch.device, processes: int = 1) -> Any:
     """TRL's ``DPOConfig`` for ``cfg`` (CPU: ``use_cpu``; bf16 as ``use_bf16`` decides)."""
     from trl import DPOConfig
@@ -170,6 +178,7 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
     from transformers import AutoModelForCausalLM
 
     from sempa_train.stages.fast_dpo import SharedPromptDPOTrainer
+    from sempa_train.stages.fp32_attention import use_fp32_attention
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -187,8 +196,10 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
     )
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **weights_kwargs(model_path))
-    log.info("train: %s triples, model %s on %s, chat template %s", f"{df.height:,}", cfg.model, device,
-             "on" if chat else "off")
+    attention = "fp32" if use_fp32_attention_in_step(cfg, device, use_bf16(cfg, device)) \
+        and use_fp32_attention(model) else model.config._attn_implementation
+    log.info("train: %s triples, model %s on %s, chat template %s, attention %s", f"{df.height:,}", cfg.model,
+             device, "on" if chat else "off", attention)
 
     # Every process of a distributed launch (accelerate launch) trains; only the main one writes. They
     # share one temporary folder beside the output, renamed into place when training has finished.
@@ -219,6 +230,7 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
         trainer.train()
         history = trainer.state.log_history
         metrics = {**summarize_log(history), "setup_seconds": round(setup_seconds, 1), "bf16": trainer.args.bf16,
+                   "attention": attention,
                    "ref_pass": trainer.ref_pass_used, "ref_log_probs_cached": trainer.ref_cache_hit}
         if checkpoints is None:
             trainer.save_model(str(tmp / "adapter"))  # collective under DeepSpeed; writes on the main process

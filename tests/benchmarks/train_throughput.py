@@ -14,7 +14,9 @@ batch 8, seed 0). Arms, each in its own process (so peak RSS is its own):
 * ``sempa_fp32``: the ``cpu`` preset forced to fp32 (what a CPU without bf16 units runs), its own empty cache
   (the key holds the precision);
 * ``sempa_by_length`` / ``sempa_in_batch``: the ``cpu`` preset with ``ref_pass`` forced to ``by_length`` (a
-  pass of its own before training, shortest pairs first) / ``in_batch``, each with its own empty cache.
+  pass of its own before training, shortest pairs first) / ``in_batch``, each with its own empty cache;
+* ``sempa_bf16_attention``: the ``cpu`` preset with ``attention_fp32: false`` (under bf16 autocast, attention in
+  torch's bf16 kernel rather than in fp32), its own empty cache. In fp32 it is the same as ``sempa_cold``.
 
 Reported per arm: seconds per step and pairs/s over the training loop, setup seconds, pairs/s including
 setup, peak RSS, first-step loss and the reward-accuracy curve. Writes
@@ -36,9 +38,11 @@ from typing import Any
 
 from common import save
 
-ARMS = ("trl_plain", "sempa_cold", "sempa_warm", "sempa_fp32", "sempa_by_length", "sempa_in_batch")
+ARMS = ("trl_plain", "sempa_cold", "sempa_warm", "sempa_fp32", "sempa_by_length", "sempa_in_batch",
+        "sempa_bf16_attention")
 ARM_SETTINGS = {"sempa_cold": {}, "sempa_warm": {}, "sempa_fp32": {"bf16": False},
-                "sempa_by_length": {"ref_pass": "by_length"}, "sempa_in_batch": {"ref_pass": "in_batch"}}
+                "sempa_by_length": {"ref_pass": "by_length"}, "sempa_in_batch": {"ref_pass": "in_batch"},
+                "sempa_bf16_attention": {"attention_fp32": False}}
 RECIPE = {"learning_rate": 1e-4, "beta": 0.1, "warmup_ratio": 0.05, "lr_scheduler": "cosine", "batch_size": 8,
           "seed": 0}
 
@@ -50,6 +54,7 @@ def run_arm(arm: str, data: Path, model: str, steps: int, work: Path) -> dict[st
     started = time.perf_counter()
     if arm == "trl_plain":
         history, setup = _trl_plain(data, model, steps, work / arm)
+        attention = "sdpa"
     else:
         from sempa_train.stages.train import train_dpo
 
@@ -57,6 +62,7 @@ def run_arm(arm: str, data: Path, model: str, steps: int, work: Path) -> dict[st
         result = train_dpo(cfg, data, work / arm)
         history = [json.loads(line) for line in (result.out_dir / "train_log.jsonl").read_text().splitlines()]
         setup = result.metrics["setup_seconds"]
+        attention = result.metrics["attention"]
     wall = time.perf_counter() - started
     logged = [h for h in history if "loss" in h]
     runtime = next(h["train_runtime"] for h in history if "train_runtime" in h)
@@ -66,7 +72,7 @@ def run_arm(arm: str, data: Path, model: str, steps: int, work: Path) -> dict[st
         "pairs_per_second": round(pairs / runtime, 2), "setup_seconds": round(setup, 1),
         "pairs_per_second_incl_setup": round(pairs / (runtime + setup), 2), "wall_seconds": round(wall, 1),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "first_step_loss": logged[0]["loss"], "final_loss": logged[-1]["loss"],
+        "first_step_loss": logged[0]["loss"], "final_loss": logged[-1]["loss"], "attention": attention,
         "reward_accuracies": [h["rewards/accuracies"] for h in logged],
         "logps_chosen": [h["logps/chosen"] for h in logged],
     }
