@@ -5,11 +5,12 @@
 Takes ``--experiment`` (default: ``smollm2_strategies.yaml``: 1,000 SNLI-dev premises, 125 DPO steps
 of batch 8, STS-B dev + SICK trial, retention on 300 SNLI-test premises with 40 greedy paraphrases),
 keeps its baseline and the one ``--arm``, and runs ``sempa experiment`` on it twice: with the code of
-``--before`` (a git worktree of that commit, put first on ``PYTHONPATH``) and with the code of this
-checkout. Each run has its own empty ``SEMPA_CACHE_DIR`` (the converted model is linked in), so
-nothing is reused between the two. Reported per run: the experiment's own step timings (prepare,
-baseline evaluation, rank, train, evaluate) and the arm's time end to end (the experiment's wall time
-minus prepare and the baseline evaluation, which all arms share), the ratio, and both results tables.
+``--before`` (a git worktree of that commit, put first on ``PYTHONPATH``) and then with the code of this
+checkout (``--after-first``: the other way round). Each run has its own empty ``SEMPA_CACHE_DIR`` (the
+converted model is linked in), so nothing is reused between the two. Reported per run: the experiment's
+own step timings (prepare, baseline evaluation, rank, train, evaluate) and the arm's time end to end (the
+experiment's wall time minus prepare and the baseline evaluation, which all arms share), the ratio, and both
+results tables.
 Writes ``tests/benchmarks/results/arm_time[-TAG].json``; ``--retabulate FILE`` recomputes the
 summary from the runs recorded in such a file.
 """
@@ -69,7 +70,7 @@ def report(args: argparse.Namespace, runs: dict[str, dict[str, Any]]) -> None:
         print(f"{name}: arm {seconds[name]:.0f} s, steps {run['timings']}", flush=True)
     save("arm_time", {
         "experiment": args.experiment, "arm": args.arm, "before": args.before, "embed_dtype": args.embed_dtype,
-        "arm_seconds": seconds, "speedup": round(seconds["before"] / seconds["after"], 2),
+        "order": list(runs), "arm_seconds": seconds, "speedup": round(seconds["before"] / seconds["after"], 2),
         "runs": {name: {"wall_seconds": run["wall_seconds"], "timings": run["timings"], "rows": run["rows"]}
                  for name, run in runs.items()},
     }, tag=args.tag)
@@ -84,6 +85,9 @@ def main() -> None:
                         help="embed.dtype for both runs. float32 stands in for a CPU without bf16 units under an "
                         "instruction-set cap (ATEN_CPU_CAPABILITY=avx2 ...): today's code follows the cap by itself, "
                         "but older code chose bf16 from /proc/cpuinfo and would run it without bf16 kernels")
+    parser.add_argument("--after-first", action="store_true",
+                        help="run this checkout's code first: a repeat in the other order shows how far a drift "
+                             "of the machine's speed during the run moved the ratio")
     parser.add_argument("--tag", default="")
     parser.add_argument("--retabulate", type=Path, help="recompute the summary from the runs of a results JSON")
     args = parser.parse_args()
@@ -100,8 +104,9 @@ def main() -> None:
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(work / "before-code"), args.before],
                        check=True, capture_output=True)
         try:
-            runs = {"before": run_experiment(config, work / "before-code", work / "before"),
-                    "after": run_experiment(config, REPO, work / "after")}
+            code = {"before": work / "before-code", "after": REPO}
+            order = ("after", "before") if args.after_first else ("before", "after")
+            runs = {name: run_experiment(config, code[name], work / name) for name in order}
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(work / "before-code")],
                            check=False)
