@@ -229,38 +229,11 @@ def test_an_isa_cap_below_avx512_hides_the_avx512_and_amx_flags():
     assert usable_flags(zen4, {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}) == zen4  # MKL alone does not steer the choices
 
 
-def test_busy_cores_sees_another_process():
-    import subprocess
-    import sys
-
-    from sempa_train.stages.generation import busy_cores
-
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        assert busy_cores(interval=1.0) > 0.5
-    finally:
-        spinner.kill()
-
-
-def test_transformers_threads_fit_the_cores_other_processes_leave(monkeypatch):
-    import os
-
+def test_sampling_sets_torch_threads_back_when_it_ends():
     import torch
 
-    from sempa_train.stages.generation import fit_threads_to_load
-
     threads = torch.get_num_threads()
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     try:
-        torch.set_num_threads(4)
-        assert fit_threads_to_load(busy=0.2) == 4 and torch.get_num_threads() == 4  # a quiet machine: unchanged
-        assert fit_threads_to_load(busy=1.0) == 3 and torch.get_num_threads() == 3
-        assert fit_threads_to_load(busy=7.0) == 1 and torch.get_num_threads() == 1  # never below one
-        torch.set_num_threads(2)
-        assert fit_threads_to_load(busy=1.0) == 2  # never more than torch had: 3 cores free, 2 threads
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        assert fit_threads_to_load(busy=3.0) == 2 and torch.get_num_threads() == 2  # the user's count is kept
         torch.set_num_threads(1)
         TransformersBackend(None, None, restore_threads=3).close()  # sampling over: the count from before it
         assert torch.get_num_threads() == 3

@@ -50,6 +50,7 @@ from sempa_train.core.models import (
     weights_kwargs,
 )
 from sempa_train.core.templates import PROMPTEOL_TEMPLATE, prompteol_prompt
+from sempa_train.core.threads import follow_load
 from sempa_train.stages.last_position import last_position_only
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,8 @@ class PromptEOLEncoder(DedupEncoder):
         prefix_cache = self._prefix_cache(prefix, device) if prefix else None
         batches = range(0, len(order), self.batch_size)
         for start in tqdm(batches, desc="PromptEOL", unit="batch", disable=_tqdm_disable(self.show_progress)):
+            if device.type == "cpu":
+                follow_load()  # threads fitted to the cores other processes leave free
             idx = order[start : start + self.batch_size]
             out[idx] = self._last_token_states([token_ids[i][len(prefix):] for i in idx], device, prefix_cache)
         return out

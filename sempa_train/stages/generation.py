@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +25,7 @@ from sempa_train.core.models import (
     resolve_dtype,
     weights_kwargs,
 )
+from sempa_train.core.threads import busy_cores, fit_threads_to_load
 
 log = logging.getLogger(__name__)
 
@@ -178,41 +178,6 @@ def choose_backend(name: str) -> tuple[str, str]:
     if not cpu_has_avx512():
         return "transformers", f"CPU without AVX-512, where vLLM-CPU is slower than transformers; {load}"
     return "vllm", f"CPU with AVX-512, where vLLM-CPU is faster than transformers; {load}"
-
-
-def busy_cores(interval: float = 0.5) -> float:
-    """Cores kept busy by *other* processes over ``interval`` seconds (``/proc/stat`` minus this process)."""
-    def snapshot() -> tuple[float, float, float]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        busy = (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-        own = os.times()
-        return busy, own.user + own.system, time.monotonic()
-
-    try:
-        busy0, own0, t0 = snapshot()
-        time.sleep(interval)
-        busy1, own1, t1 = snapshot()
-    except (OSError, ValueError):
-        return 0.0
-    return max(0.0, (busy1 - busy0 - (own1 - own0)) / (t1 - t0))
-
-
-def fit_threads_to_load(busy: float | None = None) -> int:
-    """Run torch on the cores other processes leave free: ``min(torch's threads, usable CPUs - busy cores)``, at
-    least one, unless ``OMP_NUM_THREADS`` sets the count. An OpenMP thread that shares a core with a busy process
-    makes every parallel step of the others wait for it: with one of 2 cores kept busy, sampling with transformers
-    in two threads took 2.7x (Zen 4) and 10.7x (Sapphire Rapids) as long as quiet (README, "Which backend `auto`
-    should pick"). Returns the thread count now in use."""
-    threads = torch.get_num_threads()
-    if os.environ.get("OMP_NUM_THREADS"):
-        return threads
-    busy = busy_cores() if busy is None else busy
-    fitted = max(1, min(threads, len(os.sched_getaffinity(0)) - round(busy)))
-    if fitted < threads:
-        torch.set_num_threads(fitted)
-        log.info("transformers on CPU: %d torch thread(s) instead of %d, other processes keep %.1f cores busy",
-                 fitted, threads, busy)
-    return fitted
 
 
 def build_backend(cfg: SampleConfig, model_path: Path, backend: str) -> GenerationBackend:

@@ -27,6 +27,7 @@ from sempa_train.core.models import load_causal_lm, resolve_device, resolve_dtyp
 from sempa_train.core.result_cache import lookup, model_fingerprint, result_key, store
 from sempa_train.core.templates import resolve_template
 from sempa_train.core.text import clean_candidate, normalize_text, paraphrase_prompt
+from sempa_train.core.threads import follow_load
 from sempa_train.stages.embedding import Encoder, cosine
 from sempa_train.stages.generation import TransformersBackend
 from sempa_train.stages.sources import clean_text
@@ -74,6 +75,8 @@ def perplexity(
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(order), batch_size):
+        if device.type == "cpu":
+            follow_load()  # threads fitted to the cores other processes leave free
         batch = tokenizer.pad({"input_ids": [ids[i] for i in order[start : start + batch_size]]},
                               padding_side="right", return_tensors="pt").to(device)
         logits = model(**batch).logits[:, :-1].float()

@@ -24,6 +24,7 @@ from typing import Any
 
 import polars as pl
 import torch
+from transformers import TrainerCallback
 
 from sempa_train.core.config import TrainConfig
 from sempa_train.core.io import (
@@ -47,6 +48,7 @@ from sempa_train.core.models import (
     weights_kwargs,
 )
 from sempa_train.core.templates import PLAIN_SEPARATOR
+from sempa_train.core.threads import follow_load
 from sempa_train.stages.checkpoints import CheckpointProbe, Probes, SelectionGate, select_and_install
 from sempa_train.stages.model_card import write_model_card
 
@@ -63,6 +65,14 @@ class TrainResult:
     @property
     def adapter_dir(self) -> Path:
         return self.out_dir / "adapter"
+
+
+class FollowLoad(TrainerCallback):
+    """After each DPO step on CPU: torch's threads fitted to the cores other processes leave free
+    (``sempa_train.core.threads``), so a busy neighbour does not make every step wait for a shared core."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        follow_load()
 
 
 def to_trl_records(df: pl.DataFrame, *, chat: bool) -> list[dict[str, Any]]:
@@ -227,6 +237,9 @@ def train_dpo(cfg: TrainConfig, data: Path, out_dir: Path, *, overwrite: bool = 
                                         chat)
         if checkpoints is not None:
             trainer.add_callback(checkpoints)
+        if device.type == "cpu" and state.num_processes == 1:  # several processes: OMP_NUM_THREADS set per process
+            follow_load()  # before the reference pass, then after every step
+            trainer.add_callback(FollowLoad())
         trainer.train()
         history = trainer.state.log_history
         metrics = {**summarize_log(history), "setup_seconds": round(setup_seconds, 1), "bf16": trainer.args.bf16,
