@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a failing hub lookup would otherwise wait ~50 s
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -15,6 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["SEMPA_CACHE_DIR"] = tempfile.mkdtemp(prefix="sempa-test-cache-")
 # Flow runs in tests read and write pytest's temporary folders: allow any path (test_pipelines checks the guard).
 os.environ["SEMPA_ALLOWED_PATHS"] = "*"
+# torch's thread count held where it starts, so a busy machine cannot change it between two runs a test compares
+# (sempa_train.core.threads keeps a count set this way; tests/test_threads.py unsets it where it tests the fitting).
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -82,7 +83,7 @@ def test_two_process_training(tiny_model_dir, sample_prefs, tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
          "sempa_train.cli", "train", "--data", str(sample_prefs), "--out", str(out), "--model", str(tiny_model_dir),
          "--max-steps", "2", "--batch-size", "2", "--effective-batch-size", "8"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},  # torchrun's own
     )
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
