@@ -1,5 +1,5 @@
 """torch's thread count fitted to the cores other processes leave free (sempa_train.core.threads), and the CPU loops
-that keep it fitted: PromptEOL batches, perplexity batches, DPO steps."""
+that keep it fitted: PromptEOL batches, perplexity batches, generation batches, DPO steps."""
 
 import os
 import subprocess
@@ -97,11 +97,12 @@ def test_the_follower_measures_a_busy_neighbour_while_this_process_works(spinner
 def follow_calls(monkeypatch):
     """Counts the CPU loops' calls of ``follow_load`` (the modules import it by name)."""
     import sempa_train.stages.embedding as embedding
+    import sempa_train.stages.generation as generation
     import sempa_train.stages.retention as retention
     import sempa_train.stages.train as train
 
     calls = []
-    for module in (embedding, retention, train, threads):
+    for module in (embedding, generation, retention, train, threads):
         monkeypatch.setattr(module, "follow_load", lambda: calls.append(1) or torch.get_num_threads())
     return calls
 
@@ -123,3 +124,14 @@ def test_dpo_steps_on_cpu_follow_the_load(tiny_model_dir, sample_prefs, tmp_path
     train_dpo(TrainConfig(model=str(tiny_model_dir), max_steps=2, batch_size=4, logging_steps=1), sample_prefs,
               tmp_path / "model")
     assert len(follow_calls) == 3  # once before the reference pass, then after each step
+
+
+def test_transformers_sampling_follows_the_load_between_batches(tiny_model_dir, follow_calls):
+    from sempa_train.core.config import GenerationParams, SampleConfig
+    from sempa_train.stages.generation import build_backend
+
+    backend = build_backend(SampleConfig(model=str(tiny_model_dir), device="cpu"), tiny_model_dir, "transformers")
+    assert len(follow_calls) == 1  # a first look before the model is loaded
+    backend.generate([[1, 2, 3], [4, 5], [6]], [0, 1, 2], GenerationParams(n=1, max_tokens=2, batch_size=2))
+    backend.close()
+    assert len(follow_calls) == 3  # then one before each of the 2 batches

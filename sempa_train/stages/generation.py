@@ -25,7 +25,7 @@ from sempa_train.core.models import (
     resolve_dtype,
     weights_kwargs,
 )
-from sempa_train.core.threads import busy_cores, fit_threads_to_load
+from sempa_train.core.threads import busy_cores, follow_load
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,9 @@ class TransformersBackend:
     """``model.generate`` in batches of ``params.batch_size`` prompts, ``num_return_sequences=n``, left padding.
 
     transformers has no per-sequence seed: each batch is seeded with its first premise's seed, so the
-    output is reproducible for the same shard layout and batch size. ``close`` sets torch's thread count back to
-    ``restore_threads`` (``build_backend`` fits it to the load for the time of sampling).
+    output is reproducible for the same shard layout and batch size. On CPU torch's thread count follows the load
+    between batches (``sempa_train.core.threads``; ``build_backend`` fits it before loading the model), and
+    ``close`` sets it back to ``restore_threads``.
     """
 
     name = "transformers"
@@ -74,7 +75,10 @@ class TransformersBackend:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], seeds: list[int], params: GenerationParams) -> list[list[Generation]]:
         out: list[list[Generation]] = []
+        on_cpu = next(self.model.parameters()).device.type == "cpu"
         for start in range(0, len(prompts), params.batch_size):
+            if on_cpu:
+                follow_load()  # threads fitted to the cores other processes leave free
             batch = prompts[start : start + params.batch_size]
             torch.manual_seed(seeds[start])
             out += self._generate_batch(batch, params)
@@ -189,7 +193,7 @@ def build_backend(cfg: SampleConfig, model_path: Path, backend: str) -> Generati
     device = resolve_device(cfg.device)
     threads = torch.get_num_threads()
     if device.type == "cpu":
-        fit_threads_to_load()
+        follow_load()  # the first look at the load, before loading the model
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(cfg.dtype, device),
                                                  **weights_kwargs(model_path)).to(device).eval()
     return TransformersBackend(model, load_tokenizer(model_path), restore_threads=threads)
