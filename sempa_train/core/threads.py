@@ -4,7 +4,7 @@ On a shared machine every OpenMP parallel step waits for the thread that shares 
 beside one busy process on 2 cores, two torch threads took 2.7x (Zen 4) to 10.7x (Sapphire Rapids) as long as
 quiet to sample, and, with the count followed as below, PromptEOL encoding was 1.9x and DPO steps 4.8x as fast as
 with torch's count held under an AVX2 cap, 3.4x and 13.3x without it (tests/benchmarks/threads_under_load.py, README
-"Threads fitted to the load"). So the CPU loops (PromptEOL batches, perplexity batches, DPO steps) call
+"Threads fitted to the load"). So the CPU loops (PromptEOL, perplexity and generation batches, DPO steps) call
 ``follow_load()`` between units of work: it re-measures what other processes used since its last look and sets
 torch's count to the cores they left, growing it back to the count it started from when they stop.
 ``OMP_NUM_THREADS`` set by the user always wins.
