@@ -23,24 +23,29 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds all processes have used, CPU seconds this process has used), from ``/proc/stat`` and
-    ``os.times``: their difference over an interval is what *other* processes used."""
+def snapshot() -> tuple[float, float, float]:
+    """(CPU seconds all processes have used, CPU seconds this process has used, a clock), from ``/proc/stat`` and
+    ``os.times``: between two snapshots, ``others_busy`` gives the cores *other* processes kept busy."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     busy = (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
     own = os.times()
-    return busy, own.user + own.system
+    return busy, own.user + own.system, time.monotonic()
+
+
+def others_busy(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """Cores kept busy by other processes between two snapshots: all CPU time less this process's, per second."""
+    (busy0, own0, t0), (busy1, own1, t1) = before, after
+    return max(0.0, (busy1 - busy0 - (own1 - own0)) / max(t1 - t0, 1e-9))
 
 
 def busy_cores(interval: float = 0.5) -> float:
     """Cores kept busy by *other* processes over ``interval`` seconds (``/proc/stat`` minus this process)."""
     try:
-        (busy0, own0), t0 = cpu_seconds(), time.monotonic()
+        before = snapshot()
         time.sleep(interval)
-        (busy1, own1), t1 = cpu_seconds(), time.monotonic()
+        return others_busy(before, snapshot())
     except (OSError, ValueError):
         return 0.0
-    return max(0.0, (busy1 - busy0 - (own1 - own0)) / (t1 - t0))
 
 
 def fit_threads_to_load(busy: float | None = None, most: int | None = None) -> int:
@@ -64,14 +69,14 @@ class LoadFollower:
     """Called between units of work. Its first call measures other processes over ``first_look`` seconds and fits
     torch's threads (at most ``most``) to what they leave; later calls, once ``min_interval`` seconds have passed
     since the last look, fit them to what other processes used over the work just done (no sleeping). ``read``
-    gives (all processes' CPU seconds, this process's, a clock); ``sleep`` waits (both replaceable for tests)."""
+    takes a ``snapshot`` and ``sleep`` waits (both replaceable for tests)."""
 
     def __init__(self, most: int | None = None, min_interval: float = 2.0, first_look: float = 0.25,
-                 read: Callable[[], tuple[float, float, float]] | None = None,
+                 read: Callable[[], tuple[float, float, float]] = snapshot,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.most = most or torch.get_num_threads()
         self.min_interval, self.first_look = min_interval, first_look
-        self.read = read or (lambda: (*cpu_seconds(), time.monotonic()))
+        self.read = read
         self.sleep = sleep
         self._last: tuple[float, float, float] | None = None
 
@@ -84,11 +89,10 @@ class LoadFollower:
             now = self.read()
         except (OSError, ValueError):  # no /proc: leave the count as it is
             return torch.get_num_threads()
-        (busy0, own0, t0), (busy1, own1, t1) = self._last, now
-        if not first and t1 - t0 < self.min_interval:
+        if not first and now[2] - self._last[2] < self.min_interval:
             return torch.get_num_threads()
-        self._last = now
-        return fit_threads_to_load(max(0.0, (busy1 - busy0 - (own1 - own0)) / max(t1 - t0, 1e-9)), self.most)
+        before, self._last = self._last, now
+        return fit_threads_to_load(others_busy(before, now), self.most)
 
 
 _FOLLOWER: LoadFollower | None = None

@@ -47,10 +47,11 @@ def spinning(count: int):
 def hold_threads() -> None:
     """The behaviour before: the CPU loops never change torch's count."""
     import sempa_train.stages.embedding as embedding
+    import sempa_train.stages.generation as generation
     import sempa_train.stages.retention as retention
     import sempa_train.stages.train as train
 
-    embedding.follow_load = retention.follow_load = train.follow_load = torch_threads
+    embedding.follow_load = generation.follow_load = retention.follow_load = train.follow_load = torch_threads
 
 
 def torch_threads() -> int:
