@@ -1,4 +1,5 @@
 import copy
+import logging
 import os
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from sempa_train.core.config import EmbedConfig
 from sempa_train.core.models import load_causal_lm
 from sempa_train.core.templates import PROMPTEOL_TEMPLATE
+from sempa_train.stages import int8_kernels
 from sempa_train.stages.embedding import PromptEOLEncoder, common_prefix, cosine, load_encoder
 
 SENTENCES = [
@@ -141,13 +143,15 @@ def test_int8_calibration_reads_every_position_of_the_final_layer(tiny, monkeypa
     assert not torch.equal(maxima[True], maxima[False])  # the shortcut would have seen less
 
 
-def test_int8_linear_scales_each_token_by_itself():
-    """A token with values 100x larger does not coarsen its neighbours' int8 steps (one scale per row)."""
+@pytest.mark.parametrize("kernel", int8_kernels.available())
+def test_int8_linear_scales_each_token_by_itself(kernel):
+    """A token with values 100x larger does not coarsen its neighbours' int8 steps (one scale per row), on
+    every int8 kernel this torch has."""
     from sempa_train.stages.quantize import Int8Linear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32)
-    int8 = Int8Linear(linear)
+    int8 = Int8Linear(linear, kernel=kernel)
     x = torch.randn(2, 3, 64)
     x[0, 0] *= 100
     exact, got = linear(x), int8(x)
@@ -163,6 +167,56 @@ def test_int8_linear_scales_each_token_by_itself():
     torch.testing.assert_close(got.reshape(-1, 32), reference, rtol=1e-5, atol=1e-5)
 
 
+def test_int8_kernels_sum_the_same_integers():
+    """Each kernel's product of rows scaled into +-127 and 7-bit weights is the exact integer product (FBGEMM
+    may round an activation within ~1e-5 of a half step the other way: none here)."""
+    generator = torch.Generator().manual_seed(1)
+    scaled = int8_kernels.scale_rows(torch.randn(40, 96, generator=generator))[0]
+    weight_t = torch.randint(-63, 64, (96, 24), dtype=torch.int8, generator=generator)
+    exact = scaled.round() @ weight_t.float()
+    for name in int8_kernels.available():
+        kernel = int8_kernels.make(weight_t, name)
+        assert kernel.name == name
+        torch.testing.assert_close(kernel(kernel.prepare(scaled.clone())), exact, rtol=0, atol=0)
+
+
+def test_int8_kernel_leaves_onednn_only_for_a_far_faster_one(caplog):
+    """The probe finds a slow path (the AVX2-only EPYC's timings: oneDNN's a reference loop) but does not rank two
+    fast kernels, so a kernel within SWITCH_FACTOR of oneDNN's does not replace it."""
+    epyc = {"fp32": 0.0042, "onednn": 0.1818, "fbgemm": 0.0027}
+    with caplog.at_level(logging.INFO, logger="sempa_train.stages.int8_kernels"):
+        assert int8_kernels.choose(epyc) == "fbgemm"
+        assert "int8 kernel: fbgemm (onednn's is 67x slower" in caplog.text and "onednn 181.8 ms" in caplog.text
+        assert int8_kernels.choose({"fp32": 0.0047, "onednn": 0.0031, "fbgemm": 0.0029}) == "onednn"
+        assert int8_kernels.choose({"fp32": 0.0055, "onednn": 0.0019, "fbgemm": 0.0028}) == "onednn"
+        assert int8_kernels.choose({"fp32": 0.0055, "fbgemm": 0.0028}) == "fbgemm"  # a torch without oneDNN's
+    assert "no other is 2x faster here" in caplog.text
+    assert not any(record.levelname == "WARNING" for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sempa_train.stages.int8_kernels"):
+        assert int8_kernels.choose({"fp32": 0.001, "onednn": 0.003}) == "onednn"
+    assert "no faster than fp32" in caplog.text
+
+
+def test_int8_kernel_measured_once_or_named(monkeypatch):
+    times = int8_kernels.measure(shape=(8, 32, 16), repeats=2)
+    assert set(times) == {"fp32", *int8_kernels.available()} and all(t > 0 for t in times.values())
+    ticks = iter(range(100))
+    slow = int8_kernels._seconds(lambda: None, repeats=5, timer=lambda: next(ticks) * 0.2)  # 0.2 s a call
+    assert slow == pytest.approx(0.2) and next(ticks) == 4  # a slow kernel is timed once after its warm-up
+    monkeypatch.setattr(int8_kernels, "measure", lambda: pytest.fail("measured though named"))
+    int8_kernels.chosen.cache_clear()
+    monkeypatch.setenv(int8_kernels.ENV, "onednn")
+    try:
+        assert int8_kernels.chosen() == "onednn"
+        int8_kernels.chosen.cache_clear()
+        monkeypatch.setenv(int8_kernels.ENV, "cublas")
+        with pytest.raises(ValueError, match="SEMPA_INT8_KERNEL='cublas'"):
+            int8_kernels.chosen()
+    finally:
+        int8_kernels.chosen.cache_clear()
+
+
 def test_layers_reading_one_input_quantise_it_once(monkeypatch):
     """q/k/v (and gate/up) share a quantiser: one input is quantised once, with the same result as apart."""
     from sempa_train.stages import quantize
@@ -171,41 +225,67 @@ def test_layers_reading_one_input_quantise_it_once(monkeypatch):
     linears = [torch.nn.Linear(64, n) for n in (32, 16, 16)]
     shared = quantize.SharedInput()
     together = [quantize.Int8Linear(linear, shared=shared) for linear in linears]
-    apart = [quantize.Int8Linear(linear) for linear in linears]
-    calls, original = [], quantize.quantize_rows
-    monkeypatch.setattr(quantize, "quantize_rows", lambda x: calls.append(x.shape) or original(x))
     x, y = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
+    expected = [quantize.Int8Linear(linear)(x) for linear in linears]
+    calls, original = [], quantize.scale_rows
+    monkeypatch.setattr(quantize, "scale_rows", lambda x: calls.append(x.shape) or original(x))
     outputs = [layer(x) for layer in together]
     assert len(calls) == 1
-    for got, layer in zip(outputs, apart, strict=True):
-        torch.testing.assert_close(got, layer(x), rtol=0, atol=0)
+    for got, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
     together[0](y), together[1](y)  # a new input is quantised again, once
     assert len(calls) == 2
     del y
     assert shared._rows is None  # nothing is kept once the input is gone
+    other = "fbgemm" if shared.kernel == "onednn" else "onednn"
+    with pytest.raises(ValueError, match="shared quantiser"):
+        quantize.Int8Linear(linears[0], shared=shared, kernel=other)
+
+
+def test_int8_weight_levels_follow_the_kernel_and_the_cpu(monkeypatch):
+    """Full-range weights only where the kernel multiplies int8 into int32: FBGEMM has AVX512-VNNI kernels but none
+    for AVX-VNNI or AMX, and its own cap can keep it off VNNI."""
+    monkeypatch.delenv("FBGEMM_ENABLE_INSTRUCTIONS", raising=False)
+    for flags, dot, onednn, fbgemm in [({"avx2"}, False, 63, 63), ({"avx2", "avx_vnni"}, True, 127, 63),
+                                       ({"avx512f", "avx512_vnni"}, True, 127, 127)]:
+        monkeypatch.setattr(int8_kernels, "cpu_flags", lambda flags=flags: frozenset(flags))
+        monkeypatch.setattr(int8_kernels, "cpu_has_int8_dot", lambda dot=dot: dot)
+        assert (int8_kernels.weight_levels("onednn"), int8_kernels.weight_levels("fbgemm")) == (onednn, fbgemm)
+    monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", "AVX512")  # AVX-512 without VNNI: int16 pairs again
+    assert int8_kernels.weight_levels("fbgemm") == 63
 
 
 def test_int8_weights_are_7_bit_without_int8_dot_products_and_exact_there(monkeypatch, tiny_model_dir):
-    """Without VNNI/AMX, oneDNN sums pairs of int8 products in int16: full-range weights overflow it, 7-bit ones
-    do not. Checked in a child process with the instruction set capped to AVX2 (the cap is read at start-up)."""
+    """Without VNNI/AMX, int8 kernels may sum pairs of int8 products in int16: full-range weights overflow it,
+    7-bit ones do not. Checked for every kernel in a child process with torch, oneDNN and FBGEMM capped to AVX2
+    (the caps are read at start-up)."""
     import subprocess
     import sys
 
-    import sempa_train.stages.quantize as quantize
-
-    monkeypatch.setattr(quantize, "cpu_has_int8_dot", lambda: False)
+    monkeypatch.setattr(int8_kernels, "cpu_has_int8_dot", lambda: False)
+    monkeypatch.setattr(int8_kernels, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     int8 = load_encoder(tiny_model_dir, EmbedConfig(quantize="int8"), show_progress=False)
     weights = int8.model.model.layers[0].mlp.gate_proj.weight_t
     assert weights.abs().max() == 63
-    code = ("import torch; torch.manual_seed(0); a = torch.randint(-127, 128, (16, 512), dtype=torch.int8)\n"
-            "for levels in (127, 63):\n"
-            "    b = torch.randint(-levels, levels + 1, (512, 64), dtype=torch.int8)\n"
-            "    print(int((torch._int_mm(a, b).long() - (a.long() @ b.long())).abs().max()))")
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-    errors = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            check=True).stdout.split()
-    assert int(errors[1]) == 0  # 7-bit weights: exact
-    assert int(errors[0]) > 0  # full-range weights: the overflow the 7 bits avoid
+    code = ("import torch; from sempa_train.stages import int8_kernels\n"
+            "torch.manual_seed(0); a = torch.randint(-127, 128, (16, 512)).float()\n"
+            "for name in int8_kernels.available():\n"
+            "    for levels in (127, 63):\n"
+            "        b = torch.randint(-levels, levels + 1, (512, 64), dtype=torch.int8)\n"
+            "        kernel = int8_kernels.make(b, name)\n"
+            "        print(name, levels, int((kernel(kernel.prepare(a.clone())) - a @ b.float()).abs().max()))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+           "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    errors = {(name, int(levels)): int(error) for name, levels, error in (line.split() for line in lines)}
+    assert {name for name, _ in errors} == set(int8_kernels.available())
+    assert all(error == 0 for (_, levels), error in errors.items() if levels == 63)  # 7-bit weights: exact
+    # Full-range weights overflow FBGEMM's AVX2 kernel on every CPU (its cap forces that kernel); oneDNN's overflows
+    # under its cap on Zen 4 and Sapphire Rapids, but on an AVX2-only EPYC its int8 product is an exact reference loop.
+    if "fbgemm" in int8_kernels.available():
+        assert errors["fbgemm", 127] > 0
+    assert max(error for (_, levels), error in errors.items() if levels == 127) > 0
 
 
 def test_common_prefix_leaves_every_last_token():

@@ -9,6 +9,7 @@ from test_sts import make_senteval
 import sempa_train.stages.evaluation as evaluation
 import sempa_train.stages.quantize as quantize
 from sempa_train.core.config import EmbedConfig, EvalConfig, RetentionConfig
+from sempa_train.stages import int8_kernels
 from sempa_train.stages.evaluation import run_sts_eval, sts_cache_key
 from sempa_train.stages.sts_data import load_tasks
 
@@ -47,7 +48,17 @@ def test_sts_cache_key_changes_with_each_input(tiny_model_dir, senteval, tmp_pat
     assert sts_cache_key(tiny_model_dir, cfg, EMBED.replace(layer=-2), tasks) != key
     assert sts_cache_key(tiny_model_dir, cfg, EMBED.replace(batch_size=8), tasks) != key
     int8 = EMBED.replace(quantize="int8")
+    monkeypatch.setattr(int8_kernels, "chosen", lambda: "onednn")
     int8_key = sts_cache_key(tiny_model_dir, cfg, int8, tasks)
+    assert int8_key != key
+    monkeypatch.setattr(int8_kernels, "chosen", lambda: "fbgemm")  # another int8 kernel: other rounding
+    assert sts_cache_key(tiny_model_dir, cfg, int8, tasks) != int8_key
+    monkeypatch.setattr(int8_kernels, "chosen", lambda: "onednn")
+    assert sts_cache_key(tiny_model_dir, cfg, int8, tasks) == int8_key
+    levels = int8_kernels.weight_levels("onednn")
+    monkeypatch.setattr(int8_kernels, "weight_levels", lambda name: 190 - levels)  # 7-bit weights for 8 or back
+    assert sts_cache_key(tiny_model_dir, cfg, int8, tasks) != int8_key
+    monkeypatch.setattr(int8_kernels, "weight_levels", lambda name: levels)
     monkeypatch.setattr(quantize, "INT8_VERSION", quantize.INT8_VERSION + 1)  # the int8 scheme changed
     assert sts_cache_key(tiny_model_dir, cfg, int8, tasks) != int8_key
     assert sts_cache_key(tiny_model_dir, cfg, EMBED, tasks) == key  # results without int8 stay valid

@@ -264,21 +264,23 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-ISA_CAP_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+# FBGEMM (torch's other int8 kernels) reads the CPU itself: without its own cap it runs AVX-512/VNNI under the others.
+ISA_CAP_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+               "FBGEMM_ENABLE_INSTRUCTIONS")
 _BELOW_AVX512 = {"default", "sse41", "sse4_1", "sse4_2", "avx", "avx2", "avx2_vnni", "avx2_vnni_2"}
 
 
 def isa_caps() -> dict[str, str]:
-    """The instruction-set caps set in the environment for torch's kernels, oneDNN and MKL (empty: none)."""
+    """The instruction-set caps set in the environment for torch's kernels, oneDNN, MKL and FBGEMM (empty: none)."""
     return {name: os.environ[name] for name in ISA_CAP_ENV if os.environ.get(name)}
 
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The instruction-set flags of this machine's CPU that torch may use (empty where /proc/cpuinfo is not
-    readable); read once. A cap below AVX-512 in ``ATEN_CPU_CAPABILITY`` or ``ONEDNN_MAX_CPU_ISA`` removes the
-    AVX-512 and AMX flags, so the dtype and backend choices follow what the kernels will run (and a machine with
-    AVX-512 can stand in for an AVX2-only one)."""
+    readable); read once. A cap below AVX-512 in ``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA`` or
+    ``FBGEMM_ENABLE_INSTRUCTIONS`` removes the AVX-512 and AMX flags, so the dtype and backend choices follow what
+    the kernels will run (and a machine with AVX-512 can stand in for an AVX2-only one)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -288,8 +290,8 @@ def cpu_flags() -> frozenset[str]:
 
 
 def usable_flags(flags: frozenset[str], caps: dict[str, str]) -> frozenset[str]:
-    """``flags`` without AVX-512 and AMX when ``caps`` holds torch's or oneDNN's cap below AVX-512 (and without
-    AVX-VNNI below oneDNN's AVX2_VNNI)."""
+    """``flags`` without AVX-512 and AMX when ``caps`` holds torch's, oneDNN's or FBGEMM's cap below AVX-512 (and
+    without AVX-VNNI below oneDNN's AVX2_VNNI)."""
     capped = {value.lower() for name, value in caps.items() if name != "MKL_ENABLE_INSTRUCTIONS"}
     if capped & _BELOW_AVX512:
         flags = frozenset(f for f in flags if not f.startswith(("avx512", "amx")))

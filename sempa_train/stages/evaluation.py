@@ -182,11 +182,16 @@ def tasks_sha256(tasks: dict[str, list[STSSubset]]) -> str:
 
 
 def sts_cache_key(model: str | Path, cfg: EvalConfig, embed: EmbedConfig, tasks: dict[str, list[STSSubset]]) -> str:
-    """Key of an untuned model's STS result: its weights, the tasks and split, the embedding config (and the int8
-    scheme's version under ``quantize="int8"``), the data."""
+    """Key of an untuned model's STS result: its weights, the tasks and split, the embedding config (and under
+    ``quantize="int8"`` the int8 scheme's version, the kernel and the weights' levels, which round differently),
+    the data."""
+    from sempa_train.stages import int8_kernels
     from sempa_train.stages.quantize import INT8_VERSION
 
-    int8 = {"int8": INT8_VERSION} if embed.quantize == "int8" else {}  # other keys stay as they were
+    int8: dict[str, object] = {}  # keys without int8 stay as they were
+    if embed.quantize == "int8":
+        kernel = int8_kernels.chosen()
+        int8 = {"int8": INT8_VERSION, "int8_kernel": kernel, "int8_weight_levels": int8_kernels.weight_levels(kernel)}
     return result_key("sts", {"model": model_fingerprint(model), "tasks": list(cfg.tasks), "split": cfg.split,
                               "embed": embed.to_dict(), "data": tasks_sha256(tasks), **int8})
 

@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from sempa_train.core.models import cpu_has_int8_dot
+from sempa_train.stages import int8_kernels
+from sempa_train.stages.int8_kernels import scale_rows
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +133,8 @@ def smooth(model: Any, maxima: dict[str, torch.Tensor], alpha: float = ALPHA) ->
 def quantize_rows(x: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` as int8 rows (tokens) in ``+-levels`` with one fp32 scale per row: ``(rows, in)`` int8 and
     ``(rows, 1)`` scales."""
-    rows = x.reshape(-1, x.shape[-1]).float()
-    scale = rows.abs().amax(1, keepdim=True).div_(levels).clamp_(min=1e-8)  # (linalg's inf-norm: far slower)
-    return torch.div(rows, scale).round_().to(torch.int8), scale
+    scaled, scale = scale_rows(x, levels)
+    return scaled.round_().to(torch.int8), scale
 
 
 def weight_grid(weight: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,15 +147,19 @@ def weight_grid(weight: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.
 
 class SharedInput:
     """Quantises an input once for all the int8 layers that read it (q/k/v read one normed input, gate/up
-    another): it keeps the last input's int8 rows while that tensor is alive, and knows it by identity."""
+    another): it keeps the last input's rows, as its kernel takes them, while that tensor is alive, and knows
+    it by identity."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: str | None = None) -> None:
+        self.kernel = kernel or int8_kernels.chosen()
+        self.prepare = int8_kernels.KERNELS[self.kernel].prepare
         self._input: weakref.ref | None = None
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rows is None or self._input is None or self._input() is not x:
-            self._rows = quantize_rows(x)
+            scaled, scale = scale_rows(x)
+            self._rows = self.prepare(scaled), scale
             self._input = weakref.ref(x, self._forget)
         return self._rows
 
@@ -166,26 +170,30 @@ class SharedInput:
 class Int8Linear(torch.nn.Module):
     """A linear layer computed in int8: weights quantised once per output channel, activations per token at
     each call (each row its own scale, so one token's large values do not coarsen the others'), the product
-    accumulated in int32 by ``torch._int_mm`` and rescaled to fp32. ``weight_levels`` is the largest integer a
-    weight may take: 127, or 63 on a CPU without int8 dot-product instructions, where oneDNN adds pairs of
-    (activation + 128) x weight products in int16 and full-range weights overflow it (255 x 127 x 2 > 32767;
-    with 7-bit weights the product is exact: tests/test_embedding.py checks both in an AVX2-capped process).
-    Layers given one ``shared`` quantiser quantise an input they all read once."""
+    accumulated in int32 by the int8 kernel this CPU runs fastest (``int8_kernels``) and rescaled to fp32.
+    ``weight_levels`` is the largest integer a weight may take: 127, or 63 on a CPU without int8 dot-product
+    instructions, where the kernels add pairs of (activation + 128) x weight products in int16 and full-range
+    weights overflow it (255 x 127 x 2 > 32767; with 7-bit weights the product is exact: tests/test_embedding.py
+    checks both kernels in an AVX2-capped process). Layers given one ``shared`` quantiser quantise an input they
+    all read once, on its kernel; ``kernel`` names one otherwise (default: ``int8_kernels.chosen()``)."""
 
-    def __init__(self, linear: torch.nn.Linear, weight_levels: int = 127, shared: SharedInput | None = None) -> None:
+    def __init__(self, linear: torch.nn.Linear, weight_levels: int = 127, shared: SharedInput | None = None,
+                 kernel: str | None = None) -> None:
         super().__init__()
         levels, scale = weight_grid(linear.weight, weight_levels)
-        self.register_buffer("weight_t", levels.to(torch.int8).t().contiguous())  # (in, out): _int_mm's fastest
+        self.register_buffer("weight_t", levels.to(torch.int8).t().contiguous())  # (in, out)
         self.register_buffer("weight_scale", scale)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(),
                                                                         requires_grad=False)
-        self.quantize = shared or quantize_rows
+        if shared is not None and kernel not in (None, shared.kernel):
+            raise ValueError(f"kernel {kernel!r}: the shared quantiser prepares rows for {shared.kernel!r}")
+        self.quantize = shared or SharedInput(kernel)
+        self.product = int8_kernels.make(self.weight_t, self.quantize.kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, scale = self.quantize(x)
-        # int32 -> fp32, then the row and the channel scales in place: no (rows x out) scale matrix, and faster
-        # than letting the first multiplication convert (torch's mixed-type loop is slower; same values).
-        out = torch._int_mm(rows, self.weight_t).float().mul_(scale).mul_(self.weight_scale)
+        # the row and the channel scales in place: no (rows x out) scale matrix
+        out = self.product(rows).mul_(scale).mul_(self.weight_scale)
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -193,11 +201,11 @@ class Int8Linear(torch.nn.Module):
 
 def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1, alpha: float = ALPHA,
                   sentences: Sequence[str] | None = None, names: Sequence[str] = QUANTIZED,
-                  down_proj_layers: Sequence[int] = DOWN_PROJ_LAYERS) -> Any:
-    """The smoothed model with its ``names`` projections in int8 (``Int8Linear``, CPU) in every decoder layer, and
-    down_proj too in the layers ``down_proj_layers`` lists, calibrated by running PromptEOL (``template``,
-    ``layer``) on ``sentences`` one a batch (padding positions would enter the activation maxima with values no
-    real token has) and every layer at every position."""
+                  down_proj_layers: Sequence[int] = DOWN_PROJ_LAYERS, kernel: str | None = None) -> Any:
+    """The smoothed model with its ``names`` projections in int8 (``Int8Linear``, CPU, on ``kernel``; default
+    ``int8_kernels.chosen()``) in every decoder layer, and down_proj too in the layers ``down_proj_layers`` lists,
+    calibrated by running PromptEOL (``template``, ``layer``) on ``sentences`` one a batch (padding positions would
+    enter the activation maxima with values no real token has) and every layer at every position."""
     from sempa_train.stages.embedding import PromptEOLEncoder
 
     blocks = model.get_decoder().layers
@@ -214,19 +222,20 @@ def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1,
     maxima = {key: value for key, value in maxima.items()
               if not key.endswith("down_proj") or int(key.split(".", 1)[0]) in down}
     smoothed = smooth(model, maxima, alpha)
-    levels = 127 if cpu_has_int8_dot() else 63
+    kernel = kernel or int8_kernels.chosen()
+    levels = int8_kernels.weight_levels(kernel)
     count = 0
     for i, block in enumerate(smoothed.get_decoder().layers):
         wanted = {*names, "down_proj"} if i in down else set(names)
-        attention_input, mlp_input = SharedInput(), SharedInput()
+        attention_input, mlp_input = SharedInput(kernel), SharedInput(kernel)
         shared = {"q_proj": attention_input, "k_proj": attention_input, "v_proj": attention_input,
                   "gate_proj": mlp_input, "up_proj": mlp_input}
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if name in wanted and isinstance(child, torch.nn.Linear):
-                    setattr(parent, name, Int8Linear(child, levels, shared.get(name)))
+                    setattr(parent, name, Int8Linear(child, levels, shared.get(name), kernel))
                     count += 1
     log.info("int8 PromptEOL: %d linear layers quantised after smoothing (alpha %.2f, %d calibration sentences, "
-             "down_proj in %d of %d layers, weights in +-%d%s)", count, alpha, len(sentences), len(down),
-             len(blocks), levels, "" if levels == 127 else ": this CPU has no int8 dot-product instructions")
+             "down_proj in %d of %d layers, %s kernel, weights in +-%d%s)", count, alpha, len(sentences), len(down),
+             len(blocks), kernel, levels, "" if levels == 127 else ": its int8 products sum int16 pairs here")
     return smoothed
