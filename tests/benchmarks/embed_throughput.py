@@ -15,7 +15,8 @@ warm-up) is reported apart and added to its STS7 time; and ``quantize=int8`` (Sm
 dynamic int8 q/k/v and gate/up projections; its setup, calibration included, reported apart), and, as a
 lever under test, the same with down_proj in int8 in every layer (``sempa_int8_down_proj``; its input smoothed
 as well), and the library's int8 with the final layer computed at every position (``sempa_int8_full_last_layer``:
-what computing it at the last position only saves).
+what computing it at the last position only saves), and the library's int8 model on each int8 kernel this torch
+has (``sempa_int8_onednn``, ``sempa_int8_fbgemm``: whichever ``sempa_train.stages.int8_kernels`` picks).
 Each arm's Spearman change from the baseline comes with its 95 % paired-bootstrap interval over the pairs.
 ``--arms`` runs a subset (the baseline always runs). Runs alternate (baseline, fp32, ...,
 baseline, ...) so background load hits all alike; the median of ``--repeats`` is reported, with the
@@ -38,13 +39,15 @@ from int8_fidelity import LAYER_SETS
 from sempa_train.core.config import EmbedConfig
 from sempa_train.core.models import load_causal_lm
 from sempa_train.core.templates import PROMPTEOL_TEMPLATE, prompteol_prompt
+from sempa_train.stages import int8_kernels
 from sempa_train.stages.embedding import PromptEOLEncoder, cosine, load_encoder
 from sempa_train.stages.evaluation import paired_bootstrap, spearman100
 from sempa_train.stages.quantize import quantize_int8
 from sempa_train.stages.sts_data import load_senteval_task
 
 ARMS = ["baseline_fp32", "sempa_fp32_no_shared_prefix", "sempa_fp32", "sempa_auto", "sempa_fp32_compiled",
-        "sempa_int8", "sempa_int8_down_proj", "sempa_int8_full_last_layer"]
+        "sempa_int8", "sempa_int8_down_proj", "sempa_int8_full_last_layer",
+        *(f"sempa_int8_{kernel}" for kernel in int8_kernels.available())]
 STS7_SENTENCES = 37_700  # both sides of every pair of STS12-16, STS-B test and SICK-R test
 
 
@@ -95,6 +98,11 @@ def main() -> None:
     ours_int8_full_last = (PromptEOLEncoder(ours_int8.model, ours_int8.tokenizer, batch_size=64, show_progress=False,
                                             last_position=False)
                            if ours_int8 is not None and "sempa_int8_full_last_layer" in args.arms else None)
+    ours_int8_kernels = {  # the library's int8 model on each kernel, whichever int8_kernels.chosen() picks
+        f"sempa_int8_{kernel}": PromptEOLEncoder(quantize_int8(ours_fp32.model, ours_fp32.tokenizer,
+                                                               template=PROMPTEOL_TEMPLATE, kernel=kernel),
+                                                 ours_fp32.tokenizer, batch_size=64, show_progress=False)
+        for kernel in int8_kernels.available() if f"sempa_int8_{kernel}" in args.arms}
     ours_compiled = PromptEOLEncoder(ours_fp32.model, ours_fp32.tokenizer, batch_size=64, show_progress=False,
                                      share_prefix=False)
     ours_compiled.decoder = torch.compile(ours_compiled.decoder, dynamic=True)
@@ -118,6 +126,7 @@ def main() -> None:
         "sempa_int8": lambda: ours_int8.encode(sentences),
         "sempa_int8_down_proj": lambda: ours_int8_down.encode(sentences),
         "sempa_int8_full_last_layer": lambda: ours_int8_full_last.encode(sentences),
+        **{name: lambda encoder=encoder: encoder.encode(sentences) for name, encoder in ours_int8_kernels.items()},
     }
     runners = {name: run for name, run in runners.items() if name in args.arms}
     times: dict[str, list[float]] = {k: [] for k in runners}
@@ -159,6 +168,9 @@ def main() -> None:
         "unique_sentences": len(set(sentences)),
         "repeats": args.repeats,
         "dtype_auto_resolved": str(next(ours_auto.model.parameters()).dtype),
+        # the int8 matrix product the int8 arms ran, and the timings it was chosen on (seconds per product)
+        **({"int8_kernel": int8_kernels.chosen(), "int8_kernel_times": int8_kernels.measure()}
+           if any(name.startswith("sempa_int8") for name in rows) else {}),
         "results": rows,
     }
     save("embed_throughput", result, tag=args.tag)
