@@ -6,14 +6,15 @@ VNNI) it ran as a reference loop, 43x slower than fp32 on the probe below (and e
 kernels sum int16 pairs that can saturate), while FBGEMM's was 1.57x faster than fp32 there
 (tests/benchmarks/results/embed_throughput-epyc-avx2.json). No CPU flag told the machines apart, so the first
 int8 model of a process times both on a PromptEOL-sized product (about a second; longer where one is that slow).
-The probe finds a slow path, but it does not rank two fast ones: on a Zen 4 with every library capped to AVX2 it
-put FBGEMM 7-30 % ahead, while a whole STS-B dev encode took 61-63 s with oneDNN against 73 s with FBGEMM. So
-oneDNN's, the kernel every earlier int8 result was measured on, stays unless another is ``SWITCH_FACTOR`` times
-faster; ``SEMPA_INT8_KERNEL=onednn|fbgemm`` skips the measurement. Both sum the products of the activations,
-rounded per row (token) to ``+-levels``, and the int8 weights exactly; the caller rescales. FBGEMM rounds an
-activation after adding its zero point (128) in fp32, so a value within about 1e-5 of a half step can round the
-other way (4 in 300,000 on a probe): enough to move STS-B dev by 0.17 (73.59 against 73.76 under the AVX2 caps),
-so cached int8 results name the kernel.
+The probe finds a slow path, but it does not rank two fast ones: on a Zen 4 with every library capped to AVX2,
+one-off probes put either ahead (FBGEMM by up to 1.5x), while whole STS-B dev encodes were faster with oneDNN
+(61.6 s against 65.0 s, tests/benchmarks/results/embed_throughput-avx2-capped-kernels.json). So oneDNN's, the
+kernel every earlier int8 result was measured on, stays unless another is ``SWITCH_FACTOR`` times faster;
+``SEMPA_INT8_KERNEL=onednn|fbgemm`` skips the measurement. Both sum the products of the activations, rounded per
+row (token) to ``+-levels``, and the int8 weights exactly; the caller rescales. FBGEMM rounds an activation after
+adding its zero point (128) in fp32, so a value within about 1e-5 of a half step can round the other way (4 in
+295,000 in a probe): enough to move STS-B dev by 0.17 (73.59 against 73.76 under the AVX2 caps), so cached int8
+results name the kernel.
 """
 
 from __future__ import annotations

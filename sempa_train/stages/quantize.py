@@ -22,7 +22,8 @@ The calibration text is fixed (the 50 sentences of ``data/heldout_text.txt`` and
 ``data/nli_sample.jsonl``: plain prose and captions), never the data being encoded, so the quantised model
 is the same whatever corpus it encodes. Measured on STS-B dev (README's embedding benchmark, fp32 73.83):
 alpha 0.65, 73.56 at 4.06x the plain fp32 loop's speed on Zen 4; with the instruction set capped to AVX2 (7-bit
-weights, below) 73.69 at 3.45x; alpha 0.8 gave 74.12 at 4.33x, and one activation scale per batch (the first
+weights, below) 73.69 at 3.45x; on a real AVX2-only EPYC, on FBGEMM's product (``int8_kernels``), 73.59 at
+3.11x; alpha 0.8 gave 74.12 at 4.33x, and one activation scale per batch (the first
 version, over ``quantize_dynamic``) 73.25 at 4.21x. Early probes that calibrated in padded batches,
 which let padding positions into the maxima, scattered between -0.45 and +0.32 with the calibration text:
 the smoothing factors are that sensitive.
@@ -170,24 +171,25 @@ class SharedInput:
 class Int8Linear(torch.nn.Module):
     """A linear layer computed in int8: weights quantised once per output channel, activations per token at
     each call (each row its own scale, so one token's large values do not coarsen the others'), the product
-    accumulated in int32 by the int8 kernel this CPU runs fastest (``int8_kernels``) and rescaled to fp32.
-    ``weight_levels`` is the largest integer a weight may take: 127, or 63 on a CPU without int8 dot-product
-    instructions, where the kernels add pairs of (activation + 128) x weight products in int16 and full-range
+    accumulated in int32 by the int8 kernel chosen for this CPU (``int8_kernels``) and rescaled to fp32.
+    ``weight_levels`` is the largest integer a weight may take: 127, or 63 where the kernel adds pairs of
+    (activation + 128) x weight products in int16 (no int8 dot-product instructions it uses) and full-range
     weights overflow it (255 x 127 x 2 > 32767; with 7-bit weights the product is exact: tests/test_embedding.py
-    checks both kernels in an AVX2-capped process). Layers given one ``shared`` quantiser quantise an input they
-    all read once, on its kernel; ``kernel`` names one otherwise (default: ``int8_kernels.chosen()``)."""
+    checks both kernels in an AVX2-capped process; by default ``int8_kernels.weight_levels`` of the kernel). Layers
+    given one ``shared`` quantiser quantise an input they all read once, on its kernel; ``kernel`` names one
+    otherwise (default: ``int8_kernels.chosen()``)."""
 
-    def __init__(self, linear: torch.nn.Linear, weight_levels: int = 127, shared: SharedInput | None = None,
+    def __init__(self, linear: torch.nn.Linear, weight_levels: int | None = None, shared: SharedInput | None = None,
                  kernel: str | None = None) -> None:
         super().__init__()
-        levels, scale = weight_grid(linear.weight, weight_levels)
+        if shared is not None and kernel not in (None, shared.kernel):
+            raise ValueError(f"kernel {kernel!r}: the shared quantiser prepares rows for {shared.kernel!r}")
+        self.quantize = shared or SharedInput(kernel)
+        levels, scale = weight_grid(linear.weight, weight_levels or int8_kernels.weight_levels(self.quantize.kernel))
         self.register_buffer("weight_t", levels.to(torch.int8).t().contiguous())  # (in, out)
         self.register_buffer("weight_scale", scale)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(),
                                                                         requires_grad=False)
-        if shared is not None and kernel not in (None, shared.kernel):
-            raise ValueError(f"kernel {kernel!r}: the shared quantiser prepares rows for {shared.kernel!r}")
-        self.quantize = shared or SharedInput(kernel)
         self.product = int8_kernels.make(self.weight_t, self.quantize.kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ def machine() -> dict[str, Any]:
 
 # Kinds of work in a torch profile: what a faster number format would shrink (matrix products) and what it would not
 OPERATOR_GROUPS = {
-    "int8 matrix products": ("aten::_int_mm",),
+    "int8 matrix products": ("aten::_int_mm", "quantized::linear_with_input_q_dq_qweight_dq_output_fp32"),
     "floating-point matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                   "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::scaled_dot_product_attention"),
