@@ -206,6 +206,7 @@ def test_int8_kernel_measured_once_or_named(monkeypatch):
     assert slow == pytest.approx(0.2) and next(ticks) == 4  # a slow kernel is timed once after its warm-up
     monkeypatch.setattr(int8_kernels, "measure", lambda: pytest.fail("measured though named"))
     int8_kernels.chosen.cache_clear()
+    int8_kernels.probe_times.cache_clear()
     monkeypatch.setenv(int8_kernels.ENV, "onednn")
     try:
         assert int8_kernels.chosen() == "onednn"
@@ -215,6 +216,7 @@ def test_int8_kernel_measured_once_or_named(monkeypatch):
             int8_kernels.chosen()
     finally:
         int8_kernels.chosen.cache_clear()
+        int8_kernels.probe_times.cache_clear()
 
 
 def test_layers_reading_one_input_quantise_it_once(monkeypatch):

@@ -156,14 +156,20 @@ def choose(times: dict[str, float]) -> str:
 
 
 @functools.cache
+def probe_times() -> dict[str, float]:
+    """This process's ``measure()`` readings, taken once: what ``chosen()`` decides on and benchmarks record."""
+    return measure()
+
+
+@functools.cache
 def chosen() -> str:
-    """The kernel of this process: ``SEMPA_INT8_KERNEL`` when set, otherwise measured once (``measure``)."""
+    """The kernel of this process: ``SEMPA_INT8_KERNEL`` when set, otherwise measured once (``probe_times``)."""
     if wanted := os.environ.get(ENV):
         if wanted not in available():
             raise ValueError(f"{ENV}={wanted!r}: this torch has the int8 kernels {', '.join(available())}")
         log.info("int8 kernel: %s (%s)", wanted, ENV)
         return wanted
-    return choose(measure())
+    return choose(probe_times())
 
 
 def weight_levels(name: str) -> int:

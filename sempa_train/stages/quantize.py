@@ -135,7 +135,7 @@ def quantize_rows(x: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, tor
     """``x`` as int8 rows (tokens) in ``+-levels`` with one fp32 scale per row: ``(rows, in)`` int8 and
     ``(rows, 1)`` scales."""
     scaled, scale = scale_rows(x, levels)
-    return scaled.round_().to(torch.int8), scale
+    return int8_kernels.OneDNN.prepare(scaled), scale
 
 
 def weight_grid(weight: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,7 +235,7 @@ def quantize_int8(model: Any, tokenizer: Any, *, template: str, layer: int = -1,
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if name in wanted and isinstance(child, torch.nn.Linear):
-                    setattr(parent, name, Int8Linear(child, levels, shared.get(name), kernel))
+                    setattr(parent, name, Int8Linear(child, shared=shared.get(name), kernel=kernel))
                     count += 1
     log.info("int8 PromptEOL: %d linear layers quantised after smoothing (alpha %.2f, %d calibration sentences, "
              "down_proj in %d of %d layers, %s kernel, weights in +-%d%s)", count, alpha, len(sentences), len(down),
